@@ -1,0 +1,1 @@
+"""How a job reaches a Ray cluster: an embedded local cluster today."""

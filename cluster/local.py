@@ -1,0 +1,55 @@
+"""The embedded local Ray cluster `stillhouse run` starts by default, and the CPU checks that
+turn an unsatisfiable placement (which Ray would wait on forever) into a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from specs.job import JobSpec
+
+
+class ClusterResourceError(RuntimeError):
+    """The cluster cannot give the job the CPUs its spec asks for."""
+
+
+def cpu_demand(spec: JobSpec) -> str:
+    r = spec.resources
+    return (
+        f"{r.total_cpus:g} CPUs ({r.teacher_replicas} teacher replicas x {r.teacher_cpus:g} + "
+        f"{r.student_workers} student workers x {r.student_cpus:g})"
+    )
+
+
+def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
+    if spec.resources.total_cpus > cpus + 1e-9:
+        raise ClusterResourceError(
+            f"the job asks for {cpu_demand(spec)} but {where} has {cpus:g}; lower "
+            "`resources.teacher_replicas`, `resources.student_workers` or their CPUs"
+        )
+
+
+@contextmanager
+def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[None]:
+    """Start a local Ray cluster for one job and stop it afterwards.
+
+    The dashboard (needed by Ray Train's state queries) listens on 127.0.0.1 only.
+    """
+    cpus = num_cpus or os.cpu_count() or 1
+    check_cpus(spec, cpus, "this machine")  # before anything starts
+    import ray
+
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        logging_level="warning",
+    )
+    try:
+        check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,209 @@
+"""The job driver: one compression job from spec to report, read top to bottom.
+
+    stillhouse run examples/digits.yaml --run-dir runs/digits
+
+Stages, each checkpointed under the run dir so that running the same spec with the same run dir
+again resumes after the last finished one:
+
+    1. teacher    train it (Ray Train + DeepSpeed) or load the file the spec names
+    2. pool       start the teacher replicas; score the teacher on the test set through them
+    3. student    one worker group: dense distillation, then every pruning round
+    4. report     report.json, the final student's weights and masks, the printed table
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from specs import JobSpec, spec_hash
+from specs.job import CheckpointTeacher, ExportedTeacher, TrainedTeacher
+
+
+class JobError(RuntimeError):
+    """The job could not finish; what was committed before the failure stays on disk."""
+
+
+class RunDirError(ValueError):
+    """The run dir belongs to a different spec."""
+
+
+def run_job(spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None) -> dict:
+    """Run (or resume) one job on an embedded local Ray cluster; returns the report."""
+    from cluster.local import embedded_cluster
+    from trainers.data import load_dataset
+
+    run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
+    digest = _claim_run_dir(spec, run_path)
+    # everything that can be checked without Ray is checked before Ray starts
+    data = load_dataset(spec.data, data_dir, spec.seed)
+    teacher_file = _teacher_file(spec)
+    if teacher_file is not None:  # a bad teacher file fails here, not inside a replica
+        from trainers.teacher_server import load_teacher
+
+        load_teacher(spec.teacher, teacher_file.read_bytes(), data.image_shape, data.num_classes)
+    job_id = uuid.uuid4().hex[:12]
+    _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
+
+    with embedded_cluster(spec):
+        from orchestrator.tracking import Tracker
+
+        tracker = Tracker.start(
+            spec, run_path, job_type="driver", name=f"{spec.name}-driver",
+            config={"spec": spec.model_dump(mode="json"), "job_id": job_id, "spec_hash": digest},
+        )
+        try:
+            report = _stages(spec, data, data_dir, run_path, teacher_file, tracker,
+                             {"job_id": job_id, "spec_hash": digest})
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
+        tracker.finish()
+    return report
+
+
+def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
+    from safetensors.torch import load as load_safetensors
+
+    from orchestrator.report import build_report, format_table
+    from trainers import checkpoint
+    from trainers.models import count_params
+    from trainers.plan import TEACHER_CHECKPOINT, student_phases
+    from trainers.teacher_pool import TeacherPool
+    from trainers.teacher_server import load_teacher
+    from trainers.worker import StageRequest
+
+    ckpt_root = run_path / "checkpoints"
+    started = time.perf_counter()
+
+    # 1. teacher ---------------------------------------------------------------------------
+    if isinstance(spec.teacher, TrainedTeacher):
+        if checkpoint.complete_checkpoints(ckpt_root, [TEACHER_CHECKPOINT]):
+            _say("stage 1/4 teacher: done in an earlier run, skipped")
+        else:
+            _say(f"stage 1/4 teacher: training {spec.teacher.model.kind} for "
+                 f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
+            _fit(spec, run_path, StageRequest(spec.model_dump_json(), "teacher", str(run_path),
+                                             data_dir, wandb_config=ids))
+        teacher_file = ckpt_root / TEACHER_CHECKPOINT / "model.safetensors"
+    else:
+        _say(f"stage 1/4 teacher: loading {teacher_file}")
+    blob = Path(teacher_file).read_bytes()
+    teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
+
+    # 2. teacher pool ----------------------------------------------------------------------
+    _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas")
+    pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes)
+    try:
+        teacher_logits = pool.predict(data.x_test)
+        teacher = {
+            "accuracy": float((teacher_logits.argmax(-1) == data.y_test).mean()),
+            "params": count_params(teacher_model),
+            "source": spec.teacher.kind,
+        }
+        _say(f"teacher accuracy {teacher['accuracy']:.4f} ({teacher['params']:,} params)")
+        tracker.log({"teacher/accuracy": teacher["accuracy"], "teacher/params": teacher["params"]})
+
+        # 3. student: dense distillation and pruning rounds, one worker group --------------
+        phases = student_phases(spec)
+        names = [p.name for p in phases]
+        done = checkpoint.complete_checkpoints(ckpt_root, names)
+        if len(done) == len(names):
+            _say("stage 3/4 student: every phase done in an earlier run, skipped")
+        else:
+            if done:
+                _say(f"stage 3/4 student: resuming after {done[-1]} "
+                     f"({len(done)} of {len(names)} phases done)")
+            else:
+                _say(f"stage 3/4 student: dense distillation, then {spec.pruning.rounds} "
+                     f"pruning rounds to {spec.pruning.target_sparsity:.0%} sparsity")
+            _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
+                                             data_dir, teacher_replicas=pool.replicas,
+                                             wandb_config=ids))
+    finally:
+        pool.shutdown()
+
+    # 4. report ----------------------------------------------------------------------------
+    metas = [checkpoint.verify(ckpt_root / n) for n in names]
+    last = ckpt_root / names[-1]
+    shutil.copyfile(last / "model.safetensors", run_path / "student.safetensors")
+    shutil.copyfile(last / "masks.safetensors", run_path / "student-masks.safetensors")
+    report = build_report(
+        spec_name=spec.name, spec_hash=ids["spec_hash"], teacher=teacher, phases=metas,
+        files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
+    )
+    report["wall_seconds"] = time.perf_counter() - started
+    (run_path / "report.json").write_text(json.dumps(report, indent=2))
+    for r in report["rounds"]:
+        tracker.log({"round/accuracy": r["accuracy"], "round/sparsity": r["sparsity"],
+                     "round/nonzero_params": r["nonzero_params"], "round/index": r["round"]})
+    tracker.summary({"final/" + k: v for k, v in report["final"].items() if k != "layer_sparsity"})
+    _say("stage 4/4 report: " + str(run_path / "report.json"))
+    print(format_table(report), flush=True)
+    return report
+
+
+def _fit(spec: JobSpec, run_path: Path, request) -> None:
+    """Run one worker group to the end of its stage; raise JobError if it failed."""
+    from ray.train.torch import TorchTrainer
+
+    from trainers.engine_config import ray_train_configs
+    from trainers.worker import train_worker
+
+    scaling, run_config, torch_config = ray_train_configs(spec, run_path, request.stage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"request": request},
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=torch_config,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train V2 raises TrainingFailedError after its retries
+        raise JobError(f"the {request.stage} stage failed: {_first_line(err)}") from err
+    if getattr(result, "error", None) is not None:
+        raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)}")
+
+
+def _claim_run_dir(spec: JobSpec, run_path: Path) -> str:
+    """Record the spec in the run dir, or check that it is the same spec as before."""
+    digest = spec_hash(spec)
+    marker = run_path / "spec.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text()).get("spec_hash")
+        if previous != digest:
+            raise RunDirError(
+                f"{run_path} holds a run of a different spec (hash {previous}, this one {digest}); "
+                "use another --run-dir, or remove that one to start over"
+            )
+        return digest
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    marker.write_text(json.dumps({"spec_hash": digest, "name": spec.name}))
+    return digest
+
+
+def _teacher_file(spec: JobSpec) -> Path | None:
+    if isinstance(spec.teacher, (CheckpointTeacher, ExportedTeacher)):
+        path = Path(spec.teacher.path)
+        if not path.is_file():
+            from trainers.teacher_server import TeacherLoadError
+
+            raise TeacherLoadError(f"`teacher.path`: no such file {path}")
+        return path
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
+
+
+def _say(message: str) -> None:
+    print(f"[stillhouse] {message}", flush=True)

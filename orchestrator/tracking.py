@@ -1,0 +1,77 @@
+"""Weights & Biases logging. The only module in stillhouse that imports wandb.
+
+Mode `auto` logs online when `WANDB_API_KEY` is set and offline otherwise: offline runs are files
+under `<run_dir>/wandb/` that `wandb sync` uploads later. (An online init with no network stalls
+for about 90 s, so `auto` never tries online without a key.) The driver and rank 0 of every worker
+group each own one run; all runs of a job share the spec's group.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from specs.job import JobSpec
+
+
+def resolve_mode(spec: JobSpec) -> str:
+    mode = spec.wandb.mode
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    """One W&B run. With mode `disabled` every call does nothing, by the user's choice."""
+
+    def __init__(self, run=None):
+        self._run = run
+
+    @classmethod
+    def start(
+        cls, spec: JobSpec, run_dir: Path, *, job_type: str, name: str, config: dict
+    ) -> "Tracker":
+        mode = resolve_mode(spec)
+        if mode == "disabled":
+            return cls(None)
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=spec.wandb.project,
+            entity=spec.wandb.entity,
+            group=spec.wandb.group or spec.name,
+            job_type=job_type,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(
+                console="off",  # progress lines go to the job's own console, not W&B
+                x_disable_stats=True,  # no system-metrics sampler thread in a 2-core worker
+                silent=True,
+            ),
+            reinit="create_new",
+        )
+        return cls(run)
+
+    @property
+    def run_file(self) -> str | None:
+        """Path of the run's `.wandb` log (offline runs)."""
+        if self._run is None:
+            return None
+        return str(Path(self._run.dir).parent / f"run-{self._run.id}.wandb")
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self._run is not None:
+            self._run.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self._run is not None:
+            for k, v in values.items():
+                self._run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+            self._run = None

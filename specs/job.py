@@ -1,0 +1,263 @@
+"""The job spec: one YAML file describes a whole compression job.
+
+Every default lives here, on the models. The typed spec is the only configuration: the driver,
+the teacher replicas and the student workers all receive it (as JSON) and read fields from it.
+
+This module imports pydantic only, so `stillhouse validate` is instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, and a loaded spec never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+class DigitsData(Strict):
+    """scikit-learn's bundled 8x8 digits (1797 images); works offline, no data dir needed."""
+
+    kind: Literal["digits"]
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share, stratified")
+
+
+class MnistData(Strict):
+    """MNIST from the four IDX files in `<data_dir>/mnist/`, verified by uncompressed md5."""
+
+    kind: Literal["mnist"]
+    dir: str | None = Field(
+        None, description="folder holding `mnist/`; `--data-dir` on the command line overrides it"
+    )
+    download: bool = Field(
+        False, description="fetch missing files from the public mirrors (needs network)"
+    )
+    train_limit: int | None = Field(
+        None, gt=0, le=60000, description="use only the first N training images (quick runs)"
+    )
+
+
+DataSpec = Annotated[Union[DigitsData, MnistData], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+class MLPModel(Strict):
+    """Fully connected ReLU network; LeNet-300-100 is `hidden: [300, 100]`."""
+
+    kind: Literal["mlp"]
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+
+
+class LeNet5Model(Strict):
+    """LeNet-5 as in Caffe / Han et al.: conv20-pool-conv50-pool-fc500-fc10."""
+
+    kind: Literal["lenet5"]
+    padding: int = Field(0, ge=0, le=2, description="conv padding; 2 lets 8x8 digits through")
+
+
+ModelSpec = Annotated[Union[MLPModel, LeNet5Model], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------ teacher
+
+
+class TrainedTeacher(Strict):
+    """Train the teacher inside the job (cross-entropy, same DeepSpeed workers as the student)."""
+
+    kind: Literal["train"]
+    model: ModelSpec
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, gt=0, description="per worker")
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class CheckpointTeacher(Strict):
+    """A registry model whose weights are in a safetensors file (loaded weights-only)."""
+
+    kind: Literal["checkpoint"]
+    model: ModelSpec
+    path: str = Field(min_length=1, description="a .safetensors state dict of `model`")
+
+
+class ExportedTeacher(Strict):
+    """A user's own model saved with `torch.export.save` (.pt2) or TorchScript (`torch.jit.save`).
+
+    Both formats hold a program, not pickled Python objects, so loading runs no user code.
+    """
+
+    kind: Literal["exported"]
+    path: str = Field(min_length=1)
+    format: Literal["torch_export", "torchscript"]
+
+
+TeacherSpec = Annotated[
+    Union[TrainedTeacher, CheckpointTeacher, ExportedTeacher], Field(discriminator="kind")
+]
+
+
+class StudentSpec(Strict):
+    model: ModelSpec
+    epochs: int = Field(10, gt=0, description="dense distillation epochs before pruning")
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, gt=0, description="per worker")
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 turns clipping off")
+
+
+# ------------------------------------------------------------------------------- distillation
+
+
+class HintonKD(Strict):
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+
+    kind: Literal["hinton"]
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+
+DistillationSpec = Annotated[Union[HintonKD], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------ pruning
+
+
+class OneShotSchedule(Strict):
+    """Prune straight to the target in the single round."""
+
+    kind: Literal["oneshot"]
+
+
+class GeometricSchedule(Strict):
+    """Keep a fixed fraction of the remaining weights each round; the last round lands on target.
+
+    Without `keep_fraction` it is chosen so that `rounds` rounds reach the target exactly.
+    """
+
+    kind: Literal["geometric"]
+    keep_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+
+
+class AGPSchedule(Strict):
+    """Zhu & Gupta (2017) cubic: s_r = s_f + (s_i - s_f) * (1 - r / n)^3."""
+
+    kind: Literal["agp"]
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+ScheduleSpec = Annotated[
+    Union[OneShotSchedule, GeometricSchedule, AGPSchedule], Field(discriminator="kind")
+]
+
+
+class PruningSpec(Strict):
+    """Iterative global magnitude pruning: one threshold across all prunable weights."""
+
+    enabled: bool = True
+    target_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="final share of zero weights")
+    rounds: int = Field(3, ge=1, le=100)
+    finetune_epochs: int = Field(2, ge=0, description="distillation epochs after each prune")
+    schedule: ScheduleSpec = Field(default_factory=lambda: GeometricSchedule(kind="geometric"))
+    layers: Literal["all"] | list[Annotated[str, Field(min_length=1)]] = Field(
+        "all", description="`all` Linear/Conv weights, or module names as in `model.named_modules()`"
+    )
+    include_bias: bool = Field(False, description="also prune biases")
+
+    @model_validator(mode="after")
+    def _schedule_fits_rounds(self) -> "PruningSpec":
+        if isinstance(self.schedule, OneShotSchedule) and self.rounds != 1:
+            raise ValueError("`schedule.kind` oneshot prunes in one round: set `rounds: 1`")
+        if isinstance(self.schedule, GeometricSchedule) and self.schedule.keep_fraction is not None:
+            reached = 1.0 - self.schedule.keep_fraction**self.rounds
+            if reached + 1e-9 < self.target_sparsity:
+                raise ValueError(
+                    f"`schedule.keep_fraction` {self.schedule.keep_fraction} over `rounds` "
+                    f"{self.rounds} reaches sparsity {reached:.4f}, below `target_sparsity` "
+                    f"{self.target_sparsity}: raise `rounds` or lower `keep_fraction`"
+                )
+        if isinstance(self.schedule, AGPSchedule):
+            if self.schedule.initial_sparsity >= self.target_sparsity:
+                raise ValueError(
+                    "`schedule.initial_sparsity` must be below `target_sparsity`"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------- engine and resources
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: int = Field(1, ge=0, le=2, description="ZeRO stage 0, 1 or 2")
+    max_nonfinite_steps: int = Field(
+        10, ge=0, description="steps with a NaN/inf loss skipped before the job fails"
+    )
+
+
+class ResourcesSpec(Strict):
+    teacher_replicas: int = Field(2, ge=1)
+    teacher_cpus: float = Field(0.5, gt=0.0, description="CPUs per teacher replica")
+    teacher_max_restarts: int = Field(3, ge=0, description="restarts of a dead replica")
+    student_workers: int = Field(2, ge=1)
+    student_cpus: float = Field(0.5, gt=0.0, description="CPUs per student worker")
+    worker_max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts")
+    prefetch_batches: int = Field(
+        4, ge=1, le=64, description="teacher requests each worker keeps in flight"
+    )
+    placement_timeout_s: float = Field(
+        60.0, gt=0.0, description="how long to wait for CPUs before failing"
+    )
+
+    @property
+    def total_cpus(self) -> float:
+        return self.teacher_replicas * self.teacher_cpus + self.student_workers * self.student_cpus
+
+
+class WandbSpec(Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline"
+    )
+    project: str = "stillhouse"
+    entity: str | None = None
+    group: str | None = Field(None, description="defaults to the job name")
+    log_every_steps: int = Field(10, ge=1)
+
+
+# ------------------------------------------------------------------------------------ the job
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = 0
+    run_dir: str | None = Field(None, description="`--run-dir` overrides; default runs/<name>")
+    data: DataSpec
+    teacher: TeacherSpec
+    student: StudentSpec
+    distillation: DistillationSpec = Field(
+        default_factory=lambda: HintonKD(kind="hinton")
+    )
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        if isinstance(self.data, DigitsData):
+            for section, spec in (("teacher", self.teacher), ("student", self.student)):
+                model = getattr(spec, "model", None)
+                if isinstance(model, LeNet5Model) and model.padding < 2:
+                    raise ValueError(
+                        f"`{section}.model` lenet5 on 8x8 `digits` needs `padding: 2`"
+                    )
+        return self
+

@@ -1,0 +1,211 @@
+"""A DeepSpeed engine around one model, with global pruning masks kept in force.
+
+Under bf16 (and under ZeRO even in fp32) DeepSpeed keeps two copies of every weight: the
+low-precision module parameter that the forward pass uses, and an fp32 "master" copy, possibly
+partitioned across ranks, that the optimizer updates and copies back after each step. Zeroing only
+the module parameter is undone by the next step, so the masks are applied to both copies:
+
+* gradients of pruned weights are zeroed by a tensor hook before DeepSpeed reduces them;
+* after every optimizer step each rank zeroes its own fragment of the fp32 master copy
+  (`param._hp_mapping`, the mapping DeepSpeed's own `safe_get_full_fp32_param` uses) and the
+  module parameter.
+
+Both are local operations: no collective per step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from specs.job import JobSpec
+from trainers.engine_config import deepspeed_config
+from trainers.kd_loss import kd_loss
+from trainers.pruning import GlobalMagnitudePruner, apply_masks_, prunable_parameters
+
+
+class NonFiniteLossError(RuntimeError):
+    """More NaN/inf losses than `deepspeed.max_nonfinite_steps` allows."""
+
+
+def _hp_fragment(param: torch.Tensor):
+    """(fp32 master fragment, start, numel) held by this rank, or None without a master copy."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    return mapping.get_hp_fragment(), address.start, address.numel
+
+
+class DistillEngine:
+    """Trains one model with DeepSpeed; `teacher_logits=None` gives plain cross-entropy."""
+
+    def __init__(
+        self, model: nn.Module, spec: JobSpec, *, lr: float, micro_batch: int,
+        weight_decay: float, grad_clip: float, world_size: int,
+    ):
+        import deepspeed  # heavy; imported only inside workers
+
+        self.spec = spec
+        config = deepspeed_config(
+            spec, micro_batch=micro_batch, world_size=world_size, lr=lr,
+            weight_decay=weight_decay, grad_clip=grad_clip,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
+        self.module: nn.Module = self.engine.module
+        self.dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+        self.prunable = prunable_parameters(self.module, spec.pruning)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.nonfinite_steps = 0
+        self._hooks_installed = False
+
+    # ------------------------------------------------------------------------------- training
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+        temperature: float, alpha: float,
+    ) -> dict[str, float] | None:
+        """One optimizer step; returns the loss parts, or None when the step was skipped.
+
+        bf16 has no loss scaler and so no overflow check: a non-finite loss on any rank skips the
+        step on every rank (the flag is all-reduced, so all ranks agree and no collective is left
+        unmatched), and too many such steps fail the job rather than train on garbage.
+        """
+        out = self.engine(x.to(self.dtype))  # (B, C)
+        if teacher_logits is None:
+            loss = nn.functional.cross_entropy(out.float(), y)
+            parts = {"ce": loss.detach()}
+        else:
+            loss, parts = kd_loss(out, teacher_logits, y, temperature, alpha)
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.nonfinite_steps += 1
+            if self.nonfinite_steps > self.spec.deepspeed.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_steps} steps with a NaN/inf loss, more than "
+                    f"`deepspeed.max_nonfinite_steps` = {self.spec.deepspeed.max_nonfinite_steps}"
+                )
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        self.enforce_masks()
+        return {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        try:
+            return self.module(x.to(self.dtype)).float()
+        finally:
+            self.module.train()
+
+    # -------------------------------------------------------------------------------- pruning
+
+    def full_fp32_weights(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full fp32 copies of the named parameters (all if None). Collective under ZeRO."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            if names is not None and name not in names:
+                continue
+            full = safe_get_full_fp32_param(p)
+            out[name] = (full if full is not None else p.detach()).float().clone().reshape(p.shape)
+        return out
+
+    def prune_to(self, sparsity: float) -> float:
+        """Recompute global masks at `sparsity` from the fp32 master weights; returns the threshold.
+
+        Every rank computes the same masks from the same weights; rank 0's are broadcast anyway so
+        that the masks are identical by construction, not by floating-point luck.
+        """
+        weights = self.full_fp32_weights(list(self.prunable))
+        masks, threshold = GlobalMagnitudePruner.compute_masks(
+            weights, sparsity, self.masks or None
+        )
+        if dist.is_initialized():
+            for name in masks:
+                flat = masks[name].to(torch.uint8)
+                dist.broadcast(flat, src=0)
+                masks[name] = flat.bool()
+        self.set_masks(masks)
+        return threshold
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self.masks = {name: m.bool() for name, m in masks.items()}
+        if not self._hooks_installed:
+            for name, p in self.prunable.items():
+                # reads self.masks at call time, so later rounds' masks apply without new hooks
+                p.register_hook(lambda grad, name=name: self._mask_grad(name, grad))
+            self._hooks_installed = True
+        self.enforce_masks()
+
+    def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.get(name)
+        return grad if mask is None else grad * mask.to(grad.dtype)
+
+    @torch.no_grad()
+    def enforce_masks(self) -> None:
+        if not self.masks:
+            return
+        apply_masks_(self.prunable, self.masks)
+        for name, mask in self.masks.items():
+            frag = _hp_fragment(self.prunable[name])
+            if frag is not None:
+                hp, start, numel = frag
+                hp.mul_(mask.flatten()[start : start + numel].to(hp.dtype))
+
+    @torch.no_grad()
+    def masked_nonzero(self) -> tuple[int, int]:
+        """Nonzero pruned entries in (module params, this rank's fp32 master fragments)."""
+        lp = hp_count = 0
+        for name, mask in self.masks.items():
+            p = self.prunable[name]
+            lp += int(torch.count_nonzero(p.detach()[~mask]))
+            frag = _hp_fragment(p)
+            if frag is not None:
+                hp, start, numel = frag
+                pruned = ~mask.flatten()[start : start + numel]
+                hp_count += int(torch.count_nonzero(hp.flatten()[pruned]))
+        return lp, hp_count
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def save_deepspeed(self, folder: str, tag: str) -> None:
+        """DeepSpeed's own checkpoint (weights, partitioned optimizer state). Every rank calls it."""
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=True)
+
+    def load_deepspeed(self, folder: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(
+            folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:  # DeepSpeed returns None instead of raising when nothing was loaded
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {folder}")
+        self.enforce_masks()
+
+
+def set_distributed_env(rank: int, local_rank: int, world_size: int, local_world_size: int) -> None:
+    """Env vars DeepSpeed reads before it trusts an existing process group.
+
+    Ray Train has already initialised torch.distributed (gloo); without all five of these DeepSpeed
+    falls back to MPI discovery. MASTER_ADDR/PORT are not used to connect again.
+    """
+    os.environ["RANK"] = str(rank)
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

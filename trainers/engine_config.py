@@ -1,0 +1,59 @@
+"""The one place that translates a job spec into engine configs: DeepSpeed and Ray Train.
+
+No other module knows DeepSpeed config keys or builds Ray Train config objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specs.job import JobSpec
+
+
+def deepspeed_config(
+    spec: JobSpec, *, micro_batch: int, world_size: int, lr: float, weight_decay: float,
+    grad_clip: float,
+) -> dict:
+    """DeepSpeed config for one model (teacher or student) trained by `world_size` workers."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        # torch_adam: DeepSpeed's own CPU Adam JIT-compiles a C++ op on first use.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+        },
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 1 << 30,  # progress is ours to print
+        "wall_clock_breakdown": False,
+    }
+
+
+def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
+    """(ScalingConfig, RunConfig, TorchConfig) for one stage's worker group."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    scaling = ScalingConfig(
+        num_workers=spec.resources.student_workers,
+        use_gpu=False,
+        resources_per_worker={"CPU": spec.resources.student_cpus},
+    )
+    run = RunConfig(
+        name=stage,
+        storage_path=str((run_dir / "ray_train").resolve()),
+        failure_config=FailureConfig(max_failures=spec.resources.worker_max_failures),
+    )
+    return scaling, run, TorchConfig(backend="gloo")
+
+
+def replica_options(spec: JobSpec) -> dict:
+    """Ray actor options for one teacher replica."""
+    return {
+        "num_cpus": spec.resources.teacher_cpus,
+        "max_restarts": spec.resources.teacher_max_restarts,
+        "max_task_retries": spec.resources.teacher_max_restarts,
+    }

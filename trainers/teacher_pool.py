@@ -1,0 +1,135 @@
+"""The teacher pool: N Ray actor replicas serving teacher logits, and the client students use.
+
+The actor is a thin shell over `TeacherServer`. The client keeps `prefetch_batches` requests in
+flight ahead of the student, spread over the replicas by least outstanding work, so a student's
+step overlaps the teacher's forward for the next batches instead of waiting on a round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import ray
+
+from specs.job import JobSpec
+from trainers.engine_config import replica_options
+
+
+class PoolStartError(RuntimeError):
+    """The replicas could not be placed or failed to load the teacher."""
+
+
+class TeacherReplica:
+    """One replica: loads the teacher once, then answers `logits` calls."""
+
+    def __init__(self, spec_json: str, blob: bytes, image_shape: tuple, num_classes: int):
+        import torch
+
+        from trainers.teacher_server import TeacherServer, load_teacher
+
+        spec = JobSpec.model_validate_json(spec_json)
+        # one intra-op thread per CPU the replica was given; more would fight the student workers
+        torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
+        model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
+        self.server = TeacherServer(model, spec.precision)
+        self.served = 0
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        self.served += len(x)
+        return self.server.logits(x)
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "served": self.served}
+
+
+class TeacherPoolClient:
+    """Streams teacher logits for a sequence of input batches, in order, with requests in flight.
+
+    Picklable (it holds only actor handles), so the driver hands one to every student worker.
+    """
+
+    def __init__(self, replicas: list, prefetch: int):
+        self.replicas = replicas
+        self.prefetch = prefetch
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Yield (B, num_classes) logits for each (B, C, H, W) batch, in the order given."""
+        outstanding = [0] * len(self.replicas)
+        pending: deque = deque()  # (ObjectRef, replica index), oldest first
+        source = iter(batches)
+
+        def submit() -> bool:
+            x = next(source, None)
+            if x is None:
+                return False
+            i = min(range(len(self.replicas)), key=outstanding.__getitem__)
+            pending.append((self.replicas[i].logits.remote(x), i))
+            outstanding[i] += 1
+            return True
+
+        for _ in range(self.prefetch):
+            if not submit():
+                break
+        while pending:
+            ref, i = pending.popleft()
+            ray.wait([ref], num_returns=1)  # only the oldest is needed now; the rest keep running
+            logits = ray.get(ref)
+            outstanding[i] -= 1
+            submit()  # refill before handing back, so the window stays full during the step
+            yield logits
+
+
+class TeacherPool:
+    """Driver-side owner of the replicas."""
+
+    def __init__(self, replicas: list, spec: JobSpec):
+        self.replicas = replicas
+        self.spec = spec
+
+    @classmethod
+    def start(
+        cls, spec: JobSpec, blob: bytes, image_shape: tuple, num_classes: int
+    ) -> "TeacherPool":
+        blob_ref = ray.put(blob)  # once; every replica (and every restart) reads the same object
+        actor = ray.remote(TeacherReplica).options(**replica_options(spec))
+        replicas = [
+            actor.remote(spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes)
+            for _ in range(spec.resources.teacher_replicas)
+        ]
+        pool = cls(replicas, spec)
+        timeout = spec.resources.placement_timeout_s
+        ready, not_ready = ray.wait(
+            [r.stats.remote() for r in replicas], num_returns=len(replicas), timeout=timeout
+        )
+        if not_ready:
+            pool.shutdown()
+            raise PoolStartError(
+                f"{len(not_ready)} of {len(replicas)} teacher replicas were not up after "
+                f"{timeout:.0f}s (each asks for {spec.resources.teacher_cpus} CPU); "
+                "the cluster lacks free CPUs or the replicas are stuck loading"
+            )
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as err:
+            pool.shutdown()
+            raise PoolStartError(f"a teacher replica failed to start: {err}") from None
+        return pool
+
+    def client(self) -> TeacherPoolClient:
+        return TeacherPoolClient(self.replicas, self.spec.resources.prefetch_batches)
+
+    def predict(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Teacher logits for a whole array, through the pool: (N, ...) -> (N, num_classes)."""
+        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+        return np.concatenate(list(self.client().stream(batches)))
+
+    def stats(self) -> list[dict]:
+        return ray.get([r.stats.remote() for r in self.replicas])
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            ray.kill(r, no_restart=True)
+        self.replicas = []

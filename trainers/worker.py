@@ -1,0 +1,244 @@
+"""The Ray Train worker function: one worker group trains the teacher, or the student through its
+dense distillation and every pruning round, without restarting between rounds.
+
+Each phase ends with an evaluation, a committed checkpoint under `<run_dir>/checkpoints/` and one
+`ray.train.report` on every rank (equal report counts; unequal ones hang). A worker group that Ray
+Train restarts after a failure finds the last committed checkpoint itself and continues after it.
+
+Run by the job driver (orchestrator/job.py), never directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from orchestrator.tracking import Tracker
+from specs.job import JobSpec
+from trainers import checkpoint
+from trainers.data import Dataset, epoch_shard, load_dataset
+from trainers.engine import DistillEngine, set_distributed_env
+from trainers.models import build_model, count_params
+from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
+from trainers.pruning import mask_digest, sparsity_stats
+from trainers.teacher_pool import TeacherPoolClient
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """What the driver asks one worker group to do (travels in `train_loop_config`)."""
+
+    spec_json: str
+    stage: Literal["teacher", "student"]
+    run_dir: str
+    data_dir: str | None
+    teacher_replicas: list | None = None  # actor handles, student stage only
+    wandb_config: dict | None = None  # job id, spec hash: added to the W&B run config
+
+
+def train_worker(config: dict) -> None:
+    req: StageRequest = config["request"]
+    spec = JobSpec.model_validate_json(req.spec_json)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size())
+    torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
+
+    student = req.stage == "student"
+    section = spec.student if student else spec.teacher
+    phases = student_phases(spec) if student else teacher_phases(spec)
+    data = load_dataset(spec.data, req.data_dir, spec.seed)
+    torch.manual_seed(spec.seed)  # the same initial weights on every rank
+    model = build_model(section.model, data.image_shape, data.num_classes)
+    engine = DistillEngine(
+        model, spec, lr=section.lr, micro_batch=section.batch_size,
+        weight_decay=section.weight_decay, grad_clip=getattr(section, "grad_clip", 0.0),
+        world_size=world,
+    )
+
+    root = Path(req.run_dir) / "checkpoints"
+    done = checkpoint.complete_checkpoints(root, [p.name for p in phases])
+    global_step = 0
+    if done:
+        global_step = _resume(engine, root, done[-1], world)
+    todo = phases[len(done) :]
+
+    tracker = Tracker(None)
+    if rank == 0 and todo:
+        tracker = Tracker.start(
+            spec, Path(req.run_dir), job_type=f"{req.stage}-workers",
+            name=f"{spec.name}-{req.stage}",
+            config={"spec": spec.model_dump(mode="json"), "world_size": world,
+                    "resumed_after": done[-1] if done else None, **(req.wandb_config or {})},
+        )
+    client = (
+        TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches) if student else None
+    )
+    try:
+        for phase in todo:
+            global_step = _run_phase(
+                engine, spec, phase, data, client, tracker, root, rank, world, global_step,
+                stage=req.stage, total_phases=len(phases),
+            )
+    finally:
+        tracker.finish()
+
+
+def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
+    """Load the last committed checkpoint; returns the global step it was taken at."""
+    from safetensors.torch import load_file
+
+    folder = root / name
+    meta = checkpoint.verify(folder)
+    masks = load_file(str(folder / "masks.safetensors"))
+    if meta["world_size"] == world:
+        engine.load_deepspeed(str(folder / "deepspeed"), tag=name)
+    else:  # ZeRO partitions do not fit another world size: weights only, fresh optimizer state
+        weights = load_file(str(folder / "model.safetensors"))
+        engine.module.load_state_dict({k: v.to(engine.dtype) for k, v in weights.items()})
+        _print0(f"[resume] {name} was written by {meta['world_size']} workers, now {world}: "
+                "loading weights only (optimizer state starts fresh)")
+    if masks:
+        engine.set_masks(masks)
+    _print0(f"[resume] continuing after checkpoint {name} (step {meta['global_step']})")
+    return int(meta["global_step"])
+
+
+def _run_phase(
+    engine: DistillEngine, spec: JobSpec, phase: Phase, data: Dataset,
+    client: TeacherPoolClient | None, tracker: Tracker, root: Path, rank: int, world: int,
+    global_step: int, *, stage: str, total_phases: int,
+) -> int:
+    section = spec.student if client is not None else spec.teacher
+    threshold = None
+    if phase.kind == "prune":
+        threshold = engine.prune_to(phase.target_sparsity)
+    steps_per_epoch = len(epoch_shard(len(data.y_train), section.batch_size, 0, spec.seed, rank, world))
+    total_steps = phase.epochs * steps_per_epoch
+    temperature = getattr(spec.distillation, "temperature", 1.0)
+    alpha = getattr(spec.distillation, "alpha", 0.0)
+    step_in_phase, skipped, samples, losses = 0, 0, 0, []
+    started = time.perf_counter()
+    for epoch in range(phase.epochs):
+        epoch_start = time.perf_counter()
+        batches = epoch_shard(
+            len(data.y_train), section.batch_size, phase.index * 1000 + epoch, spec.seed, rank, world
+        )
+        teacher = client.stream(data.x_train[idx] for idx in batches) if client else repeat(None)
+        epoch_losses = []
+        for idx, t_logits in zip(batches, teacher):
+            lr = cosine_lr(step_in_phase, total_steps, section.lr)
+            engine.set_lr(lr)
+            parts = engine.train_step(
+                torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
+                None if t_logits is None else torch.from_numpy(np.array(t_logits)),
+                temperature, alpha,
+            )
+            step_in_phase += 1
+            global_step += 1
+            if parts is None:
+                skipped += 1
+                continue
+            samples += len(idx) * world
+            epoch_losses.append(parts["loss"])
+            if global_step % spec.wandb.log_every_steps == 0:
+                rate = samples / max(1e-9, time.perf_counter() - started)
+                tracker.log(
+                    {**{f"train/{k}": v for k, v in parts.items()}, "train/lr": lr,
+                     "train/samples_per_s": rate, "train/phase": phase.index},
+                    step=global_step,
+                )
+        losses += epoch_losses
+        elapsed = time.perf_counter() - epoch_start
+        _print0(
+            f"[{stage}] {phase.name} ({phase.index + 1}/{total_phases}) epoch {epoch + 1}/"
+            f"{phase.epochs}: loss {np.mean(epoch_losses) if epoch_losses else float('nan'):.4f}, "
+            f"{len(batches) * section.batch_size * world / max(elapsed, 1e-9):,.0f} samples/s"
+        )
+    wall = time.perf_counter() - started
+
+    accuracy = _evaluate(engine, data, rank, world)
+    weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
+    prunable = {n: weights[n] for n in engine.prunable}
+    per_layer, prunable_nonzero, prunable_total = sparsity_stats(prunable)
+    _, model_nonzero, model_total = sparsity_stats(weights)
+    lp_bad, hp_bad = engine.masked_nonzero()
+    checks = [None] * world
+    dist.all_gather_object(
+        checks, {"rank": rank, "mask_digest": mask_digest(engine.masks) if engine.masks else None,
+                 "masked_nonzero_module": lp_bad, "masked_nonzero_master": hp_bad}
+    )
+    meta = {
+        "phase": phase.name, "phase_index": phase.index, "kind": phase.kind, "round": phase.round,
+        "target_sparsity": phase.target_sparsity, "sparsity": 1.0 - prunable_nonzero / prunable_total,
+        "threshold": threshold, "accuracy": accuracy,
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "nonzero_params": model_nonzero, "dense_params": model_total,
+        "prunable_nonzero": prunable_nonzero, "prunable_params": prunable_total,
+        "layer_sparsity": per_layer, "global_step": global_step, "steps": step_in_phase,
+        "skipped_nonfinite_steps": skipped, "samples_per_s": samples / max(wall, 1e-9),
+        "wall_seconds": wall, "world_size": world, "precision": spec.precision,
+        "zero_stage": spec.deepspeed.zero_stage, "params": count_params(engine.module),
+        "rank_checks": checks,
+    }
+    _save(engine, root, phase.name, meta, weights, rank)
+    tracker.log(
+        {"eval/accuracy": accuracy, "prune/sparsity": meta["sparsity"],
+         "prune/target_sparsity": phase.target_sparsity, "prune/round": phase.round,
+         "prune/nonzero_params": model_nonzero},
+        step=global_step,
+    )
+    _print0(
+        f"[{stage}] {phase.name} done: accuracy {accuracy:.4f}, sparsity {meta['sparsity']:.4f}, "
+        f"{model_nonzero:,}/{model_total:,} nonzero, {wall:.1f}s"
+    )
+    ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
+    return global_step
+
+
+@torch.no_grad()
+def _evaluate(engine: DistillEngine, data: Dataset, rank: int, world: int) -> float:
+    """Test accuracy; each rank scores a contiguous slice and the counts are summed."""
+    n = len(data.y_test)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    correct = 0
+    for i in range(lo, hi, 1024):
+        j = min(hi, i + 1024)
+        pred = engine.predict(torch.from_numpy(data.x_test[i:j])).argmax(-1)
+        correct += int((pred == torch.from_numpy(data.y_test[i:j])).sum())
+    total = torch.tensor([correct, hi - lo], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _save(
+    engine: DistillEngine, root: Path, name: str, meta: dict, weights: dict, rank: int
+) -> None:
+    """Commit one phase's checkpoint; every rank takes part (DeepSpeed saves on all ranks)."""
+    from safetensors.torch import save_file
+
+    if rank == 0:
+        checkpoint.begin(root, name)
+    dist.barrier()
+    staging = checkpoint.partial_path(root, name)
+    engine.save_deepspeed(str(staging / "deepspeed"), tag=name)
+    dist.barrier()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in engine.masks.items()}, str(staging / "masks.safetensors"))
+        checkpoint.commit(root, name, meta)
+    dist.barrier()
+
+
+def _print0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
