@@ -14,6 +14,7 @@ again resumes after the last finished one:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -35,18 +36,19 @@ class RunDirError(ValueError):
 
 def run_job(spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None) -> dict:
     """Run (or resume) one job on an embedded local Ray cluster; returns the report."""
-    from cluster.local import embedded_cluster
+    from cluster.local import check_cpus, embedded_cluster
     from trainers.data import load_dataset
 
-    run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
-    digest = _claim_run_dir(spec, run_path)
-    # everything that can be checked without Ray is checked before Ray starts
+    # everything that can be checked without Ray is checked before Ray starts or a file is written
+    check_cpus(spec, os.cpu_count() or 1, "this machine")
     data = load_dataset(spec.data, data_dir, spec.seed)
     teacher_file = _teacher_file(spec)
     if teacher_file is not None:  # a bad teacher file fails here, not inside a replica
         from trainers.teacher_server import load_teacher
 
         load_teacher(spec.teacher, teacher_file.read_bytes(), data.image_shape, data.num_classes)
+    run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
+    digest = _claim_run_dir(spec, run_path)
     job_id = uuid.uuid4().hex[:12]
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
 

@@ -154,8 +154,16 @@ class AGPSchedule(Strict):
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class ExplicitSchedule(Strict):
+    """The sparsity after each round, listed; the last entry must equal `target_sparsity`."""
+
+    kind: Literal["explicit"]
+    sparsities: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(min_length=1)
+
+
 ScheduleSpec = Annotated[
-    Union[OneShotSchedule, GeometricSchedule, AGPSchedule], Field(discriminator="kind")
+    Union[OneShotSchedule, GeometricSchedule, AGPSchedule, ExplicitSchedule],
+    Field(discriminator="kind"),
 ]
 
 
@@ -183,6 +191,19 @@ class PruningSpec(Strict):
                     f"`schedule.keep_fraction` {self.schedule.keep_fraction} over `rounds` "
                     f"{self.rounds} reaches sparsity {reached:.4f}, below `target_sparsity` "
                     f"{self.target_sparsity}: raise `rounds` or lower `keep_fraction`"
+                )
+        if isinstance(self.schedule, ExplicitSchedule):
+            s = self.schedule.sparsities
+            if len(s) != self.rounds:
+                raise ValueError(
+                    f"`schedule.sparsities` lists {len(s)} rounds but `rounds` is {self.rounds}"
+                )
+            if any(b <= a for a, b in zip(s, s[1:])):
+                raise ValueError("`schedule.sparsities` must increase from round to round")
+            if abs(s[-1] - self.target_sparsity) > 1e-12:
+                raise ValueError(
+                    f"`schedule.sparsities` ends at {s[-1]}, not `target_sparsity` "
+                    f"{self.target_sparsity}"
                 )
         if isinstance(self.schedule, AGPSchedule):
             if self.schedule.initial_sparsity >= self.target_sparsity:

@@ -100,7 +100,7 @@ class DistillEngine:
         self.engine.backward(loss)
         self.engine.step()
         self.enforce_masks()
-        return {"loss": float(loss), **{k: float(v) for k, v in parts.items()}}
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,13 @@ import math
 import torch
 from torch import nn
 
-from specs.job import AGPSchedule, GeometricSchedule, OneShotSchedule, PruningSpec
+from specs.job import (
+    AGPSchedule,
+    ExplicitSchedule,
+    GeometricSchedule,
+    OneShotSchedule,
+    PruningSpec,
+)
 
 
 # ----------------------------------------------------------------------------------- schedule
@@ -32,6 +38,8 @@ def round_sparsity(spec: PruningSpec, round_index: int) -> float:
     if isinstance(schedule, GeometricSchedule):
         keep = schedule.keep_fraction or math.pow(1.0 - final, 1.0 / n)
         return min(final, 1.0 - keep**round_index)
+    if isinstance(schedule, ExplicitSchedule):
+        return schedule.sparsities[round_index - 1]
     if isinstance(schedule, AGPSchedule):
         s_i = schedule.initial_sparsity
         return final + (s_i - final) * (1.0 - round_index / n) ** 3

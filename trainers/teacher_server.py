@@ -40,12 +40,16 @@ def load_teacher(
         state = load_safetensors(blob)
     except Exception as err:
         raise TeacherLoadError(f"teacher weights are not a valid safetensors file: {err}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != given:
+        wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
         raise TeacherLoadError(
             f"teacher weights do not fit `teacher.model` ({spec.model.kind}): "
-            f"missing {missing}, unexpected {unexpected}"
+            f"missing {sorted(expected.keys() - given.keys())}, "
+            f"unexpected {sorted(given.keys() - expected.keys())}, wrong shape {wrong}"
         )
+    model.load_state_dict(state)
     return model
 
 

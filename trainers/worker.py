@@ -10,6 +10,7 @@ Run by the job driver (orchestrator/job.py), never directly.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from itertools import repeat
@@ -191,12 +192,13 @@ def _run_phase(
         "rank_checks": checks,
     }
     _save(engine, root, phase.name, meta, weights, rank)
-    tracker.log(
-        {"eval/accuracy": accuracy, "prune/sparsity": meta["sparsity"],
-         "prune/target_sparsity": phase.target_sparsity, "prune/round": phase.round,
-         "prune/nonzero_params": model_nonzero},
-        step=global_step,
-    )
+    phase_metrics = {"eval/accuracy": accuracy}
+    if stage == "student":
+        phase_metrics.update({
+            "prune/sparsity": meta["sparsity"], "prune/target_sparsity": phase.target_sparsity,
+            "prune/round": phase.round, "prune/nonzero_params": model_nonzero,
+        })
+    tracker.log(phase_metrics, step=global_step)
     _print0(
         f"[{stage}] {phase.name} done: accuracy {accuracy:.4f}, sparsity {meta['sparsity']:.4f}, "
         f"{model_nonzero:,}/{model_total:,} nonzero, {wall:.1f}s"
@@ -240,5 +242,8 @@ def _save(
 
 
 def _print0(message: str) -> None:
+    # sys.stdout, not print(): Ray Train patches print() in workers and, because Ray wraps
+    # stdout, every printed line would reach the console twice.
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()

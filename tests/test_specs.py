@@ -1,0 +1,127 @@
+"""Job specs: examples parse, every error is reported with its YAML path, exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from specs import SpecError, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+BASE = {
+    "name": "t",
+    "data": {"kind": "digits"},
+    "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [16]}},
+    "student": {"model": {"kind": "mlp", "hidden": [8]}},
+}
+
+
+def test_there_are_examples():
+    assert {p.name for p in EXAMPLES} >= {"digits.yaml", "mnist-lenet300.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_spec_parses(path):
+    spec = load_spec(path)
+    assert spec.name
+    # and survives the JSON round trip it takes to reach the workers
+    assert type(spec).model_validate_json(spec.model_dump_json()) == spec
+
+
+def _problems(raw):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    return {p.path: p for p in info.value.problems}
+
+
+def test_all_errors_are_reported_at_once_with_paths():
+    raw = {
+        **BASE,
+        "data": {"kind": "mnist", "dirr": "x"},
+        "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [16, -2]}},
+        "student": {"model": {"kind": "mlp", "hidden": [8]}, "lr": -0.1},
+        "pruning": {"target_sparsity": 1.0},
+        "precision": "fp8",
+    }
+    problems = _problems(raw)
+    assert set(problems) == {
+        "data.dirr", "teacher.model.hidden[1]", "student.lr", "pruning.target_sparsity",
+        "precision",
+    }
+    assert "unknown key" in problems["data.dirr"].message
+    assert problems["student.lr"].value == -0.1
+    assert problems["pruning.target_sparsity"].value == 1.0
+
+
+def test_unknown_kind_names_the_allowed_ones():
+    problems = _problems({**BASE, "data": {"kind": "cifar"}})
+    assert "digits" in problems["data"].message and "mnist" in problems["data"].message
+
+
+def test_cross_field_errors_name_fields():
+    problems = _problems({**BASE, "pruning": {"rounds": 3, "schedule": {"kind": "oneshot"}}})
+    assert "`rounds: 1`" in problems["pruning"].message
+    problems = _problems({**BASE, "pruning": {
+        "target_sparsity": 0.9, "rounds": 2, "schedule": {"kind": "geometric", "keep_fraction": 0.5}}})
+    assert "`keep_fraction`" in problems["pruning"].message
+    problems = _problems({**BASE, "pruning": {
+        "target_sparsity": 0.9, "rounds": 2, "schedule": {"kind": "explicit", "sparsities": [0.5, 0.8]}}})
+    assert "`target_sparsity`" in problems["pruning"].message
+    problems = _problems({**BASE, "student": {"model": {"kind": "lenet5"}}})
+    assert "`padding: 2`" in problems[""].message
+
+
+def test_specs_are_frozen():
+    spec = parse_spec(BASE)
+    with pytest.raises(Exception):
+        spec.seed = 3  # type: ignore[misc]
+
+
+def test_broken_yaml_gives_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {kind: digits\nteacher: 3\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert "line" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_cli_validate_exit_status(tmp_path, capsys):
+    good = EXAMPLES[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "seed": "many", "pruning": {"rounds": 0}}))
+    assert main(["validate", str(good)]) == 0
+    assert main(["validate", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "seed:" in err and "pruning.rounds:" in err and "2 problem(s)" in err
+
+
+def test_cli_run_with_bad_spec_exits_2_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "student": {"model": {"kind": "mlp", "hidden": []}}}))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(bad), "--run-dir", str(run_dir)]) == 2
+    assert "student.model.hidden" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_schema_is_json(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "pruning" in schema["properties"]
+
+
+def test_loading_a_spec_imports_no_heavy_library():
+    code = (
+        "import sys; from specs import load_spec; "
+        f"load_spec({str(EXAMPLES[0])!r}); "
+        "heavy = [m for m in ('torch', 'ray', 'deepspeed', 'wandb') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

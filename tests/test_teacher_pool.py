@@ -1,0 +1,68 @@
+"""The teacher pool on a real local Ray cluster (in this process)."""
+
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+from safetensors.torch import save
+
+from specs import parse_spec
+from trainers.models import MLP
+from trainers.teacher_pool import PoolStartError, TeacherPool
+from trainers.teacher_server import TeacherServer
+
+pytestmark = pytest.mark.ray
+
+
+def _spec(**resources):
+    return parse_spec({
+        "name": "pool",
+        "data": {"kind": "digits"},
+        "teacher": {"kind": "checkpoint", "model": {"kind": "mlp", "hidden": [32]}, "path": "t"},
+        "student": {"model": {"kind": "mlp", "hidden": [8]}},
+        "resources": {"teacher_replicas": 2, "teacher_cpus": 0.5, "prefetch_batches": 3,
+                      **resources},
+    })
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+def test_stream_returns_every_batch_in_order_from_both_replicas(cluster):
+    torch.manual_seed(0)
+    model = MLP(64, [32], 10)
+    spec = _spec()
+    pool = TeacherPool.start(spec, save(model.state_dict()), (1, 8, 8), 10)
+    try:
+        rng = np.random.default_rng(0)
+        batches = [rng.standard_normal((16 + i, 1, 8, 8)).astype(np.float32) for i in range(24)]
+        out = list(pool.client().stream(iter(batches)))
+        reference = TeacherServer(model, "fp32")
+        assert len(out) == len(batches)
+        for x, logits in zip(batches, out):  # in order: sizes differ per batch
+            assert np.allclose(logits, reference.logits(x), atol=1e-5)
+        stats = pool.stats()
+        assert all(s["served"] > 0 for s in stats)  # load spread over both replicas
+        assert sum(s["served"] for s in stats) == sum(len(b) for b in batches)
+    finally:
+        pool.shutdown()
+
+
+def test_pool_that_cannot_be_placed_fails_fast(cluster):
+    spec = _spec(teacher_cpus=1.5, placement_timeout_s=3)
+    torch.manual_seed(0)
+    started = time.monotonic()
+    with pytest.raises(PoolStartError, match="not up after 3s"):
+        TeacherPool.start(spec, save(MLP(64, [32], 10).state_dict()), (1, 8, 8), 10)
+    assert time.monotonic() - started < 30
+    # the CPUs of the replica that did start are back
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2

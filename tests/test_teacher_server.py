@@ -1,0 +1,65 @@
+"""The teacher server and the three ways a teacher arrives, without Ray."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save
+
+from specs.job import CheckpointTeacher, ExportedTeacher, MLPModel
+from trainers.models import MLP
+from trainers.teacher_server import TeacherLoadError, TeacherServer, load_teacher
+
+SHAPE = (1, 8, 8)
+
+
+def _model():
+    torch.manual_seed(0)
+    return MLP(64, [32], 10).eval()
+
+
+def test_checkpoint_teacher_roundtrip():
+    model = _model()
+    blob = save(model.state_dict())
+    spec = CheckpointTeacher(kind="checkpoint", model=MLPModel(kind="mlp", hidden=[32]), path="t")
+    loaded = load_teacher(spec, blob, SHAPE, 10)
+    x = torch.randn(5, *SHAPE)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_of_another_model_is_rejected():
+    blob = save(_model().state_dict())
+    spec = CheckpointTeacher(kind="checkpoint", model=MLPModel(kind="mlp", hidden=[64]), path="t")
+    with pytest.raises(TeacherLoadError, match="do not fit"):
+        load_teacher(spec, blob, SHAPE, 10)
+    with pytest.raises(TeacherLoadError, match="safetensors"):
+        load_teacher(spec, b"not a file", SHAPE, 10)
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
+def test_exported_teachers_load_as_programs(fmt):
+    model = _model()
+    x = torch.randn(4, *SHAPE)
+    buffer = io.BytesIO()
+    if fmt == "torch_export":
+        torch.export.save(torch.export.export(model, (x,)), buffer)
+    else:
+        torch.jit.save(torch.jit.trace(model, x), buffer)
+    spec = ExportedTeacher(kind="exported", path="t", format=fmt)
+    loaded = load_teacher(spec, buffer.getvalue(), SHAPE, 10)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    with pytest.raises(TeacherLoadError):
+        load_teacher(spec, b"garbage", SHAPE, 10)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_server_answers_float32_logits(precision):
+    model = _model()
+    server = TeacherServer(model, precision)
+    x = np.random.default_rng(0).standard_normal((6, *SHAPE)).astype(np.float32)
+    out = server.logits(x)
+    assert out.shape == (6, 10) and out.dtype == np.float32
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.allclose(out, ref, atol=0.1 if precision == "bf16" else 1e-6)
+    assert not any(p.requires_grad for p in model.parameters())
