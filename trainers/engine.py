@@ -6,9 +6,10 @@ partitioned across ranks, that the optimizer updates and copies back after each 
 the module parameter is undone by the next step, so the masks are applied to both copies:
 
 * gradients of pruned weights are zeroed by a tensor hook before DeepSpeed reduces them;
-* after every optimizer step each rank zeroes its own fragment of the fp32 master copy
-  (`param._hp_mapping`, the mapping DeepSpeed's own `safe_get_full_fp32_param` uses) and the
-  module parameter.
+* after every optimizer step each rank zeroes its own fragment of the fp32 master copy and the
+  module parameter. Under ZeRO 1-2 (and DeepSpeed's fused bf16 optimizer) the fragment is found
+  through `param._hp_mapping`, the mapping DeepSpeed's own `safe_get_full_fp32_param` uses; under
+  ZeRO 0 with bf16, DeepSpeed's unfused optimizer keeps whole fp32 copies in `fp32_groups`.
 
 Both are local operations: no collective per step.
 """
@@ -31,13 +32,18 @@ class NonFiniteLossError(RuntimeError):
     """More NaN/inf losses than `deepspeed.max_nonfinite_steps` allows."""
 
 
-def _hp_fragment(param: torch.Tensor):
-    """(fp32 master fragment, start, numel) held by this rank, or None without a master copy."""
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is None:
-        return None
-    address = mapping.lp_fragment_address
-    return mapping.get_hp_fragment(), address.start, address.numel
+def _unfused_master_copies(optimizer) -> dict[int, torch.Tensor]:
+    """id(module param) -> its fp32 master copy in DeepSpeed's unfused optimizer (ZeRO 0, bf16)."""
+    lp_groups = getattr(optimizer, "fp16_groups", None)
+    hp_groups = getattr(optimizer, "fp32_groups", None)
+    if not lp_groups or not hp_groups:
+        return {}
+    return {
+        id(lp): hp
+        for lp_group, hp_group in zip(lp_groups, hp_groups)
+        for lp, hp in zip(lp_group, hp_group)
+        if hp is not lp and hp.shape == lp.shape and not hasattr(lp, "_hp_mapping")
+    }
 
 
 class DistillEngine:
@@ -63,6 +69,19 @@ class DistillEngine:
         self.masks: dict[str, torch.Tensor] = {}
         self.nonfinite_steps = 0
         self._hooks_installed = False
+        self._unfused_masters = _unfused_master_copies(self.optimizer)
+
+    def _master_fragment(self, param: torch.Tensor):
+        """(fp32 master fragment, start, numel) held by this rank, or None if `param` is its own
+        master (fp32 without ZeRO)."""
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            return mapping.get_hp_fragment(), address.start, address.numel
+        master = self._unfused_masters.get(id(param))
+        if master is not None:
+            return master.data, 0, master.numel()
+        return None
 
     # ------------------------------------------------------------------------------- training
 
@@ -121,6 +140,8 @@ class DistillEngine:
             if names is not None and name not in names:
                 continue
             full = safe_get_full_fp32_param(p)
+            if full is None and id(p) in self._unfused_masters:
+                full = self._unfused_masters[id(p)]
             out[name] = (full if full is not None else p.detach()).float().clone().reshape(p.shape)
         return out
 
@@ -161,10 +182,10 @@ class DistillEngine:
             return
         apply_masks_(self.prunable, self.masks)
         for name, mask in self.masks.items():
-            frag = _hp_fragment(self.prunable[name])
+            frag = self._master_fragment(self.prunable[name])
             if frag is not None:
                 hp, start, numel = frag
-                hp.mul_(mask.flatten()[start : start + numel].to(hp.dtype))
+                hp.mul_(mask.flatten()[start : start + numel].view_as(hp).to(hp.dtype))
 
     @torch.no_grad()
     def masked_nonzero(self) -> tuple[int, int]:
@@ -173,11 +194,11 @@ class DistillEngine:
         for name, mask in self.masks.items():
             p = self.prunable[name]
             lp += int(torch.count_nonzero(p.detach()[~mask]))
-            frag = _hp_fragment(p)
+            frag = self._master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
                 pruned = ~mask.flatten()[start : start + numel]
-                hp_count += int(torch.count_nonzero(hp.flatten()[pruned]))
+                hp_count += int(torch.count_nonzero(hp.reshape(-1)[pruned]))
         return lp, hp_count
 
     # ---------------------------------------------------------------------------- checkpoints

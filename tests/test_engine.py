@@ -1,0 +1,77 @@
+"""The DeepSpeed engine wrapper in one process (a gloo group of one), for each precision and
+ZeRO stage: masks hold on the module and on DeepSpeed's fp32 master copy, NaN steps are skipped.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from specs import parse_spec
+from trainers.engine import DistillEngine, NonFiniteLossError, set_distributed_env
+from trainers.models import MLP
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    set_distributed_env(0, 0, 1, 1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(precision: str, zero_stage: int, max_nonfinite: int = 10) -> DistillEngine:
+    spec = parse_spec({
+        "name": "engine",
+        "data": {"kind": "digits"},
+        "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [16]}},
+        "student": {"model": {"kind": "mlp", "hidden": [32, 16]}},
+        "precision": precision,
+        "deepspeed": {"zero_stage": zero_stage, "max_nonfinite_steps": max_nonfinite},
+    })
+    torch.manual_seed(0)
+    return DistillEngine(MLP(64, [32, 16], 10), spec, lr=0.05, micro_batch=16, weight_decay=0.01,
+                         grad_clip=1.0, world_size=1)
+
+
+def _batch():
+    return torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.randn(16, 10)
+
+
+@pytest.mark.parametrize("precision,zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 2)])
+def test_masks_hold_through_optimizer_steps(precision, zero_stage):
+    engine = _engine(precision, zero_stage)
+    for _ in range(3):  # some dense steps first, so Adam has momentum in every weight
+        assert engine.train_step(*_batch(), 2.0, 0.5) is not None
+    engine.prune_to(0.6)
+    before = {n: p.detach().clone() for n, p in engine.prunable.items()}
+    for _ in range(5):
+        assert engine.train_step(*_batch(), 2.0, 0.5) is not None
+    assert engine.masked_nonzero() == (0, 0)
+    weights = engine.full_fp32_weights()
+    for name, mask in engine.masks.items():
+        assert torch.count_nonzero(weights[name][~mask]) == 0  # fp32 master copy
+        assert not torch.equal(engine.prunable[name].detach()[mask], before[name][mask])  # it trained
+    pruned = sum(int((~m).sum()) for m in engine.masks.values())
+    assert pruned == round(0.6 * sum(m.numel() for m in engine.masks.values()))
+
+
+def test_nonfinite_losses_are_skipped_then_fail():
+    engine = _engine("bf16", 1, max_nonfinite=2)
+    x, y, t = _batch()
+    bad = torch.full_like(t, float("nan"))
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    assert engine.train_step(x, y, bad, 2.0, 0.5) is None
+    assert engine.train_step(x, y, bad, 2.0, 0.5) is None
+    for name, p in engine.module.named_parameters():  # skipped steps change nothing
+        assert torch.equal(p.detach(), weights[name])
+    assert engine.train_step(x, y, t, 2.0, 0.5) is not None
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps"):
+        engine.train_step(x, y, bad, 2.0, 0.5)
+    assert all(torch.isfinite(p).all() for p in engine.full_fp32_weights().values())
