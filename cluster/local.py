@@ -42,6 +42,7 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[Non
     import ray
 
     ray.init(
+        address="local",  # always a new cluster, even when RAY_ADDRESS names another one
         num_cpus=cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
