@@ -1,5 +1,6 @@
-"""The embedded local Ray cluster `stillhouse run` starts by default, and the CPU checks that
-turn an unsatisfiable placement (which Ray would wait on forever) into a clear error.
+"""The Ray cluster a job runs on: an embedded local one (the default of `stillhouse run`) or an
+existing one (`--address`, as in a submitted job), and the CPU checks that turn an unsatisfiable
+placement (which Ray would wait on forever) into a clear error.
 """
 
 from __future__ import annotations
@@ -54,3 +55,21 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[Non
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def existing_cluster(spec: JobSpec, address: str) -> Iterator[None]:
+    """Connect to a running cluster (`auto` inside a submitted job) and disconnect afterwards."""
+    import ray
+
+    ray.init(address=address, logging_level="warning", log_to_driver=True)
+    try:
+        check_cpus(spec, ray.cluster_resources().get("CPU", 0.0), f"the cluster at {address}")
+        yield
+    finally:
+        ray.shutdown()
+
+
+def job_cluster(spec: JobSpec, address: str | None):
+    """The cluster for one job: existing when `address` is given, else embedded."""
+    return existing_cluster(spec, address) if address else embedded_cluster(spec)

@@ -3,6 +3,8 @@
     stillhouse validate examples/digits.yaml          # every problem at once, exit 2 if any
     stillhouse schema                                  # the job spec's JSON Schema
     stillhouse run examples/digits.yaml --run-dir runs/digits [--data-dir ../shared/data]
+    stillhouse submit examples/digits.yaml --address http://127.0.0.1:8265 --run-dir /shared/runs/d1
+    stillhouse status|logs [--follow]|stop JOB_ID --address ...;  stillhouse list --address ...
 
 Exit status: 0 success, 1 the job failed while running, 2 bad input (spec, data, teacher file,
 checkpoint, run dir, CPUs the cluster cannot give).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from specs import SpecError, load_spec
@@ -53,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     from trainers.teacher_server import TeacherLoadError
 
     try:
-        run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir)
+        run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
     except (DataError, TeacherLoadError, CheckpointError, RunDirError, ClusterResourceError) as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -64,6 +67,81 @@ def _run(args: argparse.Namespace) -> int:
         print("stillhouse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _cluster_command(fn):
+    """Run a Jobs API command; a ClusterError is one line on stderr and exit status 1."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from cluster.jobs import ClusterError
+
+        try:
+            return fn(args)
+        except ClusterError as err:
+            print(f"stillhouse: {err}", file=sys.stderr)
+            return EXIT_FAILED
+
+    return wrapped
+
+
+@_cluster_command
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as err:  # nothing is sent when the spec is invalid
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from cluster import jobs
+
+    job_id = jobs.submit(spec, args.address, run_dir=args.run_dir, data_dir=args.data_dir)
+    print(job_id)
+    return 0
+
+
+@_cluster_command
+def _status(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    print(jobs.status(args.address, args.job_id))
+    return 0
+
+
+@_cluster_command
+def _logs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.follow:
+        final = jobs.follow_logs(args.address, args.job_id, sys.stdout)
+        print(f"[stillhouse] job {args.job_id} ended: {final}", file=sys.stderr)
+        return 0 if final == "SUCCEEDED" else EXIT_FAILED
+    sys.stdout.write(jobs.logs(args.address, args.job_id))
+    return 0
+
+
+@_cluster_command
+def _stop(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    stopped = jobs.stop(args.address, args.job_id)
+    print("stopping" if stopped else "already ended")
+    return 0
+
+
+@_cluster_command
+def _list(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    for job in jobs.list_jobs(args.address):
+        print(f"{job['job_id']}\t{job['status']}\t{job['name']}")
+    return 0
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        required="RAY_API_SERVER_ADDRESS" not in os.environ,
+        help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (env RAY_API_SERVER_ADDRESS)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
     p.add_argument("--run-dir", help="where checkpoints and the report go (default runs/<name>)")
+    p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray job) "
+                   "instead of an embedded local one")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster; prints the job id")
+    p.add_argument("spec", metavar="SPEC")
+    _add_address(p)
+    p.add_argument("--run-dir", required=True, help="run dir on the cluster's storage")
+    p.add_argument("--data-dir", help="data dir on the cluster's storage")
+    p.set_defaults(func=_submit)
+    for name, func, text in (("status", _status, "a submitted job's status"),
+                             ("logs", _logs, "a submitted job's logs"),
+                             ("stop", _stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id", metavar="JOB_ID")
+        _add_address(p)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=func)
+    p = sub.add_parser("list", help="jobs on a Ray cluster")
+    _add_address(p)
+    p.set_defaults(func=_list)
     return parser
 
 

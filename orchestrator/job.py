@@ -34,13 +34,21 @@ class RunDirError(ValueError):
     """The run dir belongs to a different spec."""
 
 
-def run_job(spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None) -> dict:
-    """Run (or resume) one job on an embedded local Ray cluster; returns the report."""
-    from cluster.local import check_cpus, embedded_cluster
+def run_job(
+    spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None,
+    address: str | None = None,
+) -> dict:
+    """Run (or resume) one job; returns the report.
+
+    Without `address` the job starts an embedded local Ray cluster; with one (`auto` inside a
+    submitted job) it connects to that cluster.
+    """
+    from cluster.local import check_cpus, job_cluster
     from trainers.data import load_dataset
 
     # everything that can be checked without Ray is checked before Ray starts or a file is written
-    check_cpus(spec, os.cpu_count() or 1, "this machine")
+    if address is None:
+        check_cpus(spec, os.cpu_count() or 1, "this machine")
     data = load_dataset(spec.data, data_dir, spec.seed)
     teacher_file = _teacher_file(spec)
     if teacher_file is not None:  # a bad teacher file fails here, not inside a replica
@@ -52,7 +60,7 @@ def run_job(spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None =
     job_id = uuid.uuid4().hex[:12]
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
 
-    with embedded_cluster(spec):
+    with job_cluster(spec, address):
         from orchestrator.tracking import Tracker
 
         tracker = Tracker.start(
@@ -121,9 +129,11 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
             if done:
                 _say(f"stage 3/4 student: resuming after {done[-1]} "
                      f"({len(done)} of {len(names)} phases done)")
-            else:
+            elif spec.pruning.enabled:
                 _say(f"stage 3/4 student: dense distillation, then {spec.pruning.rounds} "
                      f"pruning rounds to {spec.pruning.target_sparsity:.0%} sparsity")
+            else:
+                _say("stage 3/4 student: dense distillation (pruning disabled)")
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
                                              data_dir, teacher_replicas=pool.replicas,
                                              wandb_config=ids))

@@ -1,0 +1,89 @@
+"""Start a real Ray head (`ray start --head --block`) for a test, and stop exactly what it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def token_env(token: str | None) -> dict:
+    """The environment of a client that has (or lacks) the cluster's token."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+                        "WANDB_API_KEY")}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    if token is not None:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+@contextmanager
+def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
+    """Yield the dashboard address of a new token-authenticated head on 127.0.0.1."""
+    port, dashboard = free_port(), free_port()
+    log = open(log_path or os.devnull, "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+        env=token_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "ray start exited early"
+            try:
+                request = urllib.request.Request(f"{address}/api/version",
+                                                 headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(request, timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "the head's dashboard never came up"
+                time.sleep(0.5)
+        yield address
+    finally:
+        stop_tree(proc)
+        log.close()
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, the process and every descendant it started."""
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    if proc.poll() is None:
+        proc.wait(timeout=10)
