@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from specs import SpecError, load_spec
 
@@ -136,6 +137,42 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_DB = os.path.expanduser("~/.stillhouse/schedules.sqlite")
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from cluster import scheduler
+
+    try:
+        if args.action == "add":
+            Path(args.db).parent.mkdir(parents=True, exist_ok=True)
+            print(scheduler.add(args.db, args.spec, address=args.address, run_root=args.run_root,
+                                cron=args.cron, data_dir=args.data_dir))
+        elif args.action == "remove":
+            scheduler.remove(args.db, args.schedule_id)
+            print(f"removed {args.schedule_id}")
+        else:
+            for row in scheduler.listing(args.db):
+                print(f"{row['id']}\t{row['cron']}\tnext {row['next_run']}\t{row['spec_path']}")
+                for f in row["firings"]:
+                    print(f"  {f['slot']}\t{f['status']}\t{f['ray_job_id'] or '-'}\t"
+                          f"{f['final_status'] or '-'}\t{f['detail'] or ''}")
+    except (SpecError, scheduler.ScheduleError) as err:
+        print(err if isinstance(err, SpecError) else f"stillhouse: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    import logging
+
+    from cluster import scheduler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    scheduler.serve(args.db)
+    return 0
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
@@ -180,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="jobs on a Ray cluster")
     _add_address(p)
     p.set_defaults(func=_list)
+
+    p = sub.add_parser("schedule", help="recurring runs: add, list, remove")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", help="run SPEC on a cron schedule")
+    a.add_argument("spec", metavar="SPEC")
+    a.add_argument("--cron", help="crontab, or 6 fields with leading seconds (default: the spec's)")
+    _add_address(a)
+    a.add_argument("--run-root", required=True, help="run dirs go under ROOT/<schedule>/<slot>")
+    a.add_argument("--data-dir")
+    a = actions.add_parser("list", help="schedules and their firings")
+    a = actions.add_parser("remove", help="delete a schedule")
+    a.add_argument("schedule_id", metavar="ID")
+    for a in actions.choices.values():
+        a.add_argument("--db", default=DEFAULT_DB, help=f"schedule store (default {DEFAULT_DB})")
+    p.set_defaults(func=_schedule)
+    p = sub.add_parser("scheduler", help="long-running: submit each due run to its cluster")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.set_defaults(func=_scheduler)
     return parser
 
 

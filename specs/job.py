@@ -8,6 +8,7 @@ This module imports pydantic only, so `stillhouse validate` is instant.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -252,6 +253,39 @@ class WandbSpec(Strict):
     log_every_steps: int = Field(10, ge=1)
 
 
+# ------------------------------------------------------------------------------ recurrence
+
+
+CRON_FIELD = r"^[0-9A-Za-z*/,?-]+$"
+
+
+class RecurringSpec(Strict):
+    """How `stillhouse scheduler` runs this job again and again.
+
+    Overlap: a slot that comes while the previous run is still going is `skip`ped (recorded), or
+    `queue`d (submitted when the previous run ends; at most one waits). Missed slots: a slot the
+    scheduler was down for runs late if the scheduler is back within `misfire_grace_s`, several
+    such slots coalescing into one run; an older one is recorded as missed and not run.
+    """
+
+    cron: str | None = Field(
+        None, description="crontab (5 fields) or with a leading seconds field (6 fields)"
+    )
+    overlap: Literal["skip", "queue"] = "skip"
+    misfire_grace_s: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _cron_shape(self) -> "RecurringSpec":
+        if self.cron is not None:
+            fields = self.cron.split()
+            if len(fields) not in (5, 6) or not all(re.match(CRON_FIELD, f) for f in fields):
+                raise ValueError(
+                    f"`cron` {self.cron!r} is not a crontab expression: 5 fields (minute hour "
+                    "day month weekday) or 6 with a leading seconds field"
+                )
+        return self
+
+
 # ------------------------------------------------------------------------------------ the job
 
 
@@ -270,6 +304,7 @@ class JobSpec(Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
+    recurring: RecurringSpec = Field(default_factory=RecurringSpec)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":

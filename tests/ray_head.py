@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+TOKEN = "stillhouse-test-token-4f1c9a"  # a planted secret: tests check it never lands in a file
 
 
 def free_port() -> int:

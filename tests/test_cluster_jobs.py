@@ -13,25 +13,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_head import ray_head, token_env
+from ray_head import TOKEN, token_env
 from test_job_ray import digits_spec
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "stillhouse-test-token-4f1c9a"
 
 
 def cli(args, token=TOKEN, timeout=600):
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT,
                           env=token_env(token), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    log = tmp_path_factory.mktemp("head") / "head.log"
-    with ray_head(TOKEN, num_cpus=2, log_path=log) as address:
-        yield address
 
 
 def _small_spec(tmp_path: Path, name: str, **overrides) -> Path:
