@@ -65,8 +65,8 @@ def _call(address: str, fn, *args, **kwargs):
         raise _explain(err, address) from None
 
 
-def entrypoint(run_dir: str, data_dir: str | None) -> str:
-    args = ["python", "-m", "orchestrator.cli", "run", "spec.yaml", "--address", "auto",
+def entrypoint(run_dir: str, data_dir: str | None, command: str = "run") -> str:
+    args = ["python", "-m", "orchestrator.cli", command, "spec.yaml", "--address", "auto",
             "--run-dir", run_dir]
     if data_dir:
         args += ["--data-dir", data_dir]
@@ -79,6 +79,7 @@ def submit(
 ) -> str:
     """Submit one job; returns its Ray job id. The spec was validated by the caller."""
     import orchestrator
+    from orchestrator.tracking import git_revision
 
     client = connect(address)
     root = Path(orchestrator.__file__).resolve().parents[1]
@@ -89,11 +90,12 @@ def submit(
         runtime_env = {
             "working_dir": staging,
             "py_modules": [str(root / name) for name in PACKAGES],
-            "env_vars": {"PYTHONUNBUFFERED": "1"},
+            "env_vars": {"PYTHONUNBUFFERED": "1",
+                         "STILLHOUSE_GIT_REVISION": git_revision() or ""},
         }
         return _call(
             address, client.submit_job,
-            entrypoint=entrypoint(run_dir, data_dir),
+            entrypoint=entrypoint(run_dir, data_dir, "sweep" if spec.sweep else "run"),
             runtime_env=runtime_env,
             submission_id=submission_id,
             metadata={"stillhouse_job": spec.name, **(metadata or {})},

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from specs import SpecError, load_spec
+from specs.sweep import expand_sweep
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -29,11 +30,13 @@ def _validate(args: argparse.Namespace) -> int:
     for path in args.specs:
         try:
             spec = load_spec(path)
+            points = expand_sweep(spec, str(path))
         except SpecError as err:
             print(err, file=sys.stderr)
             status = EXIT_BAD_INPUT
             continue
-        print(f"{path}: ok ({spec.name})")
+        sweep = f", sweep of {len(points)} points" if spec.sweep else ""
+        print(f"{path}: ok ({spec.name}{sweep})")
     return status
 
 
@@ -47,8 +50,13 @@ def _schema(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
+        points = expand_sweep(spec, args.spec)
     except SpecError as err:
         print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if spec.sweep is not None and args.command == "run":
+        print(f"stillhouse: {args.spec} declares a sweep of {len(points)} points: "
+              "use `stillhouse sweep`", file=sys.stderr)
         return EXIT_BAD_INPUT
     from cluster.local import ClusterResourceError
     from orchestrator.job import JobError, RunDirError, run_job
@@ -57,7 +65,13 @@ def _run(args: argparse.Namespace) -> int:
     from trainers.teacher_server import TeacherLoadError
 
     try:
-        run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
+        if args.command == "sweep":
+            from orchestrator.sweep import run_sweep
+
+            run_sweep(spec, run_dir=args.run_dir or f"runs/{spec.name}-sweep",
+                      data_dir=args.data_dir, address=args.address)
+        else:
+            run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
     except (DataError, TeacherLoadError, CheckpointError, RunDirError, ClusterResourceError) as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -89,6 +103,7 @@ def _cluster_command(fn):
 def _submit(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
+        expand_sweep(spec, args.spec)
     except SpecError as err:  # nothing is sent when the spec is invalid
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -191,13 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
     p = sub.add_parser("schema", help="print the job spec's JSON Schema")
     p.set_defaults(func=_schema)
-    p = sub.add_parser("run", help="run a job on an embedded local Ray cluster (resumes)")
-    p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
-    p.add_argument("--run-dir", help="where checkpoints and the report go (default runs/<name>)")
-    p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray job) "
-                   "instead of an embedded local one")
-    p.set_defaults(func=_run)
+    for name, text in (("run", "run a job on an embedded local Ray cluster (resumes)"),
+                       ("sweep", "run every point of a spec's sweep grid and compare them")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec", metavar="SPEC")
+        p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
+        p.add_argument("--run-dir", help="where checkpoints and the report go "
+                       "(default runs/<name>, runs/<name>-sweep)")
+        p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray "
+                       "job) instead of an embedded local one")
+        p.set_defaults(func=_run)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster; prints the job id")
     p.add_argument("spec", metavar="SPEC")

@@ -61,15 +61,16 @@ def run_job(
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
 
     with job_cluster(spec, address):
-        from orchestrator.tracking import Tracker
+        from orchestrator.tracking import Tracker, git_revision
 
+        ids = {"job_id": job_id, "spec_hash": digest, "git_revision": git_revision(),
+               "ray_job_id": os.environ.get("RAY_JOB_ID") or None}
         tracker = Tracker.start(
             spec, run_path, job_type="driver", name=f"{spec.name}-driver",
-            config={"spec": spec.model_dump(mode="json"), "job_id": job_id, "spec_hash": digest},
+            config={"spec": spec.model_dump(mode="json"), **ids},
         )
         try:
-            report = _stages(spec, data, data_dir, run_path, teacher_file, tracker,
-                             {"job_id": job_id, "spec_hash": digest})
+            report = _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
@@ -155,6 +156,13 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
         tracker.log({"round/accuracy": r["accuracy"], "round/sparsity": r["sparsity"],
                      "round/nonzero_params": r["nonzero_params"], "round/index": r["round"]})
     tracker.summary({"final/" + k: v for k, v in report["final"].items() if k != "layer_sparsity"})
+    tracker.log_artifact(
+        f"{spec.name}-student", "model",
+        [run_path / "student.safetensors", run_path / "student-masks.safetensors",
+         run_path / "report.json"],
+        metadata={"spec_hash": ids["spec_hash"], **{k: report["final"][k] for k in
+                  ("accuracy", "sparsity", "nonzero_params", "dense_params")}},
+    )
     _say("stage 4/4 report: " + str(run_path / "report.json"))
     print(format_table(report), flush=True)
     return report

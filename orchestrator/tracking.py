@@ -14,6 +14,20 @@ from pathlib import Path
 from specs.job import JobSpec
 
 
+def git_revision() -> str | None:
+    """The stillhouse checkout's commit (a submitted job gets it through its environment)."""
+    if os.environ.get("STILLHOUSE_GIT_REVISION"):
+        return os.environ["STILLHOUSE_GIT_REVISION"]
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def resolve_mode(spec: JobSpec) -> str:
     mode = spec.wandb.mode
     if mode == "auto":
@@ -65,6 +79,28 @@ class Tracker:
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self._run is not None:
             self._run.log(metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Image(str(path))})
+
+    def log_artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
+        """Files as one W&B artifact (offline runs keep it for `wandb sync`)."""
+        if self._run is not None:
+            import wandb
+
+            artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
+            for f in files:
+                artifact.add_file(str(f))
+            self._run.log_artifact(artifact)
 
     def summary(self, values: dict) -> None:
         if self._run is not None:

@@ -9,7 +9,7 @@ This module imports pydantic only, so `stillhouse validate` is instant.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -286,6 +286,29 @@ class RecurringSpec(Strict):
         return self
 
 
+# ----------------------------------------------------------------------------------- sweeps
+
+
+class SweepSpec(Strict):
+    """A grid of settings: one job per combination, compared in one table and plot.
+
+    Keys are dotted paths into this spec (`pruning.target_sparsity`, `distillation.temperature`);
+    every point is validated as a spec of its own.
+    """
+
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    share_teacher: bool = Field(
+        True, description="train the teacher once and load it in the other points"
+    )
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "SweepSpec":
+        empty = [k for k, v in self.grid.items() if not v]
+        if empty:
+            raise ValueError(f"`grid` keys with no values: {empty}")
+        return self
+
+
 # ------------------------------------------------------------------------------------ the job
 
 
@@ -305,6 +328,7 @@ class JobSpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     recurring: RecurringSpec = Field(default_factory=RecurringSpec)
+    sweep: SweepSpec | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":

@@ -66,6 +66,10 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
     finally:
         stop_tree(proc)
         log.close()
+        # `ray start` records its cluster for `address="auto"` lookups; forget ours
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == f"127.0.0.1:{port}":
+            current.unlink()
 
 
 def stop_tree(proc: subprocess.Popen) -> None:
