@@ -52,9 +52,32 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[Non
     )
     try:
         check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
+        check_placement(spec, ray.nodes())
         yield
     finally:
         ray.shutdown()
+
+
+def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
+    """Each role's labelled nodes must have the CPUs that role asks for (Ray would wait forever).
+
+    `nodes` is `ray.nodes()`: dicts with `Alive`, `Labels` and `Resources`.
+    """
+    r = spec.resources
+    for role, labels, demand in (
+        ("teacher replicas", r.teacher_labels, r.teacher_replicas * r.teacher_cpus),
+        ("student workers", r.student_labels, r.student_workers * r.student_cpus),
+    ):
+        if not labels:
+            continue
+        matching = [n for n in nodes if n.get("Alive")
+                    and all(n.get("Labels", {}).get(k) == v for k, v in labels.items())]
+        cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in matching)
+        if cpus + 1e-9 < demand:
+            raise ClusterResourceError(
+                f"the {role} need {demand:g} CPUs on nodes labelled {labels}, but "
+                f"{len(matching)} such node(s) have {cpus:g}"
+            )
 
 
 @contextmanager
@@ -65,6 +88,7 @@ def existing_cluster(spec: JobSpec, address: str) -> Iterator[None]:
     ray.init(address=address, logging_level="warning", log_to_driver=True)
     try:
         check_cpus(spec, ray.cluster_resources().get("CPU", 0.0), f"the cluster at {address}")
+        check_placement(spec, ray.nodes())
         yield
     finally:
         ray.shutdown()

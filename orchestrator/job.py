@@ -138,6 +138,7 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
                                              data_dir, teacher_replicas=pool.replicas,
                                              wandb_config=ids))
+        replica_stats = pool.stats()
     finally:
         pool.shutdown()
 
@@ -151,6 +152,10 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
         files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
     )
     report["wall_seconds"] = time.perf_counter() - started
+    report["placement"] = {  # nodes of the teacher replicas and of the last phase's workers
+        "teacher_nodes": [r["node_id"] for r in replica_stats],
+        "student_nodes": [c.get("node_id") for c in metas[-1]["rank_checks"]],
+    }
     (run_path / "report.json").write_text(json.dumps(report, indent=2))
     for r in report["rounds"]:
         tracker.log({"round/accuracy": r["accuracy"], "round/sparsity": r["sparsity"],

@@ -237,6 +237,13 @@ class ResourcesSpec(Strict):
     placement_timeout_s: float = Field(
         60.0, gt=0.0, description="how long to wait for CPUs before failing"
     )
+    teacher_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="node labels teacher replicas must run on, e.g. {stillhouse-role: teacher}",
+    )
+    student_labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels student workers must run on"
+    )
 
     @property
     def total_cpus(self) -> float:

@@ -41,6 +41,7 @@ def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
         num_workers=spec.resources.student_workers,
         use_gpu=False,
         resources_per_worker={"CPU": spec.resources.student_cpus},
+        label_selector=dict(spec.resources.student_labels) or None,
     )
     run = RunConfig(
         name=stage,
@@ -52,8 +53,11 @@ def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
 
 def replica_options(spec: JobSpec) -> dict:
     """Ray actor options for one teacher replica."""
-    return {
+    options = {
         "num_cpus": spec.resources.teacher_cpus,
         "max_restarts": spec.resources.teacher_max_restarts,
         "max_task_retries": spec.resources.teacher_max_restarts,
     }
+    if spec.resources.teacher_labels:
+        options["label_selector"] = dict(spec.resources.teacher_labels)
+    return options

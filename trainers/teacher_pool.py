@@ -42,7 +42,8 @@ class TeacherReplica:
         return self.server.logits(x)
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "served": self.served}
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "served": self.served}
 
 
 class TeacherPoolClient:

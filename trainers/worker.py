@@ -175,7 +175,8 @@ def _run_phase(
     lp_bad, hp_bad = engine.masked_nonzero()
     checks = [None] * world
     dist.all_gather_object(
-        checks, {"rank": rank, "mask_digest": mask_digest(engine.masks) if engine.masks else None,
+        checks, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                 "mask_digest": mask_digest(engine.masks) if engine.masks else None,
                  "masked_nonzero_module": lp_bad, "masked_nonzero_master": hp_bad}
     )
     meta = {
