@@ -188,6 +188,19 @@ def _scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifests(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from cluster.manifests import write_all
+
+    for path in write_all(spec, args.image, Path(args.out)):
+        print(path)
+    return 0
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
@@ -250,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     for a in actions.choices.values():
         a.add_argument("--db", default=DEFAULT_DB, help=f"schedule store (default {DEFAULT_DB})")
     p.set_defaults(func=_schedule)
+    p = sub.add_parser("manifests", help="cluster launcher, KubeRay and CronJob configs for SPEC")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--image", default="stillhouse:latest", help="container image with stillhouse")
+    p.add_argument("--out", default="cluster/configs", help="folder to write them to")
+    p.set_defaults(func=_manifests)
     p = sub.add_parser("scheduler", help="long-running: submit each due run to its cluster")
     p.add_argument("--db", default=DEFAULT_DB)
     p.set_defaults(func=_scheduler)
