@@ -117,16 +117,24 @@ def test_digits_job_end_to_end(tmp_path):
     for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         records = read_records(path)
         info = run_info(records)
-        runs[info["job_type"]] = (info, history_rows(records))
+        runs[info["job_type"]] = (info, history_rows(records), records)
     assert set(runs) == {"driver", "teacher-workers", "student-workers"}
-    assert {info["group"] for info, _ in runs.values()} == {"e2e-group"}
-    _, student_rows = runs["student-workers"]
+    assert {info["group"] for info, _, _ in runs.values()} == {"e2e-group"}
+    _, student_rows, _ = runs["student-workers"]
     keys = set().union(*student_rows)
     assert {"train/loss", "train/kd", "train/ce", "train/lr", "train/samples_per_s",
             "eval/accuracy", "prune/sparsity", "prune/round"} <= keys
     assert all(np.isfinite(r["train/loss"]) for r in student_rows if "train/loss" in r)
-    driver_info, driver_rows = runs["driver"]
-    assert "spec_hash" in driver_info["config"]
+    driver_info, driver_rows, _ = runs["driver"]
+    config = driver_info["config"]
+    assert config["spec_hash"] == report["spec_hash"] and len(config["job_id"]) == 12
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    assert config["git_revision"] == (revision or None)
+    artifacts = [r.artifact for r in runs["driver"][2] if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.name, a.type) for a in artifacts] == [("digits-test-z1-student", "model")]
+    assert {f.path for f in artifacts[0].manifest.contents} == {
+        "student.safetensors", "student-masks.safetensors", "report.json"}
     round_rows = [r for r in driver_rows if "round/accuracy" in r]
     assert [r["round/sparsity"] for r in round_rows] == [r["sparsity"] for r in report["rounds"]]
 
