@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ray_head import TOKEN, token_env
-from test_job_ray import digits_spec
+from test_job_ray import quick_digits_spec
 
 pytestmark = pytest.mark.ray
 
@@ -27,11 +27,7 @@ def cli(args, token=TOKEN, timeout=600):
 
 
 def _small_spec(tmp_path: Path, name: str, **overrides) -> Path:
-    spec = digits_spec(1, group="submitted", name=name, **overrides)
-    spec["teacher"]["epochs"] = 4
-    spec["student"]["epochs"] = 4
-    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 1,
-                       "schedule": {"kind": "oneshot"}}
+    spec = quick_digits_spec(name, "submitted", **overrides)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -49,6 +49,16 @@ def digits_spec(zero_stage: int, group: str, **overrides) -> dict:
     return spec
 
 
+def quick_digits_spec(name: str, group: str, epochs: int = 4, rounds: int = 1, **overrides) -> dict:
+    """A short digits job (target sparsity 0.5) for tests about everything around training."""
+    spec = digits_spec(1, group=group, name=name, **overrides)
+    spec["teacher"]["epochs"] = epochs
+    spec["student"]["epochs"] = epochs
+    spec["pruning"] = {"target_sparsity": 0.5, "rounds": rounds, "finetune_epochs": 1,
+                       "schedule": {"kind": "oneshot" if rounds == 1 else "geometric"}}
+    return spec
+
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env["PYTHONUNBUFFERED"] = "1"

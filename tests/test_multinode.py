@@ -9,17 +9,13 @@ from ray.cluster_utils import Cluster
 from cluster.local import ClusterResourceError, check_placement
 from orchestrator.job import run_job
 from specs import parse_spec
-from test_job_ray import check_pruned_checkpoints, digits_spec
+from test_job_ray import check_pruned_checkpoints, quick_digits_spec
 
 ROLE = "stillhouse-role"
 
 
 def _spec(**resources):
-    spec = digits_spec(1, group="multinode", name="multinode")
-    spec["teacher"]["epochs"] = 4
-    spec["student"]["epochs"] = 4
-    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 1,
-                       "schedule": {"kind": "oneshot"}}
+    spec = quick_digits_spec("multinode", "multinode")
     spec["wandb"]["mode"] = "disabled"
     spec["resources"].update(teacher_labels={ROLE: "teacher"}, student_labels={ROLE: "student"},
                              placement_timeout_s=30, **resources)

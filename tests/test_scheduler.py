@@ -16,7 +16,7 @@ import yaml
 
 from cluster.scheduler import _current_slot, record_missed_slots
 from ray_head import TOKEN, stop_tree, token_env
-from test_job_ray import digits_spec
+from test_job_ray import quick_digits_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "orchestrator.cli"]
@@ -64,13 +64,9 @@ def _wait_for(predicate, timeout: float, what: str):
 
 @pytest.mark.ray
 def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path):
-    spec = digits_spec(1, group="scheduled", name="scheduled-digits",
-                       recurring={"cron": "*/15 * * * * *", "overlap": "skip",
-                                  "misfire_grace_s": 5})
-    spec["teacher"]["epochs"] = 3
-    spec["student"]["epochs"] = 3
-    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 1,
-                       "schedule": {"kind": "oneshot"}}
+    spec = quick_digits_spec("scheduled-digits", "scheduled", epochs=3,
+                             recurring={"cron": "*/15 * * * * *", "overlap": "skip",
+                                        "misfire_grace_s": 5})
     spec_path = tmp_path / "scheduled.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "schedules.sqlite"

@@ -12,7 +12,7 @@ import yaml
 
 from specs import SpecError, parse_spec
 from specs.sweep import expand_sweep
-from test_job_ray import _env, digits_spec
+from test_job_ray import _env, digits_spec, quick_digits_spec
 from wandb_records import history_rows, read_records, run_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +43,8 @@ def test_bad_grid_entries_are_reported_with_paths():
 
 @pytest.mark.ray
 def test_sweep_over_three_sparsities(tmp_path):
-    spec = digits_spec(1, group="sweep-test", name="sweep-test",
-                       sweep={"grid": {"pruning.target_sparsity": [0.5, 0.75, 0.9]}})
-    spec["teacher"]["epochs"] = 4
-    spec["student"]["epochs"] = 6
-    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 2, "finetune_epochs": 1,
-                       "schedule": {"kind": "geometric"}}
+    spec = quick_digits_spec("sweep-test", "sweep-test", epochs=6, rounds=2,
+                             sweep={"grid": {"pruning.target_sparsity": [0.5, 0.75, 0.9]}})
     spec_path = tmp_path / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "sweep"
