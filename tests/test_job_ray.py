@@ -165,16 +165,31 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
+WANDB_SECRET = "0123456789abcdef0123456789abcdef01234567"  # planted, shaped like a W&B key
+RAY_SECRET = "planted-ray-token-9c2e7d"
+
+
+def _env_with_secrets() -> dict:
+    """W&B key and Ray token set, as on a user's machine: neither may reach any written file."""
+    env = _env()
+    env.update(WANDB_API_KEY=WANDB_SECRET, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_SECRET)
+    return env
+
+
 def test_killed_job_resumes_after_last_finished_round(tmp_path):
-    """bf16 + ZeRO 2: kill the job after round 1 commits; the rerun skips what was done."""
-    spec = digits_spec(2, group="resume-group")
+    """bf16 + ZeRO 2: kill the job after round 1 commits; the rerun skips what was done.
+
+    Runs with a W&B key and a Ray token in the environment (W&B offline by the spec), and then
+    checks that neither appears in any file the job wrote.
+    """
+    spec = digits_spec(2, group="resume-group", wandb={"mode": "offline", "group": "resume-group"})
     spec_path = write_spec(tmp_path, spec)
     run_dir = tmp_path / "run"
     marker = run_dir / "checkpoints" / "student-01-round1" / "COMPLETE.json"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(STILLHOUSE + ["run", str(spec_path), "--run-dir", str(run_dir)],
-                            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            cwd=ROOT, env=_env_with_secrets(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
         while not marker.exists():
@@ -189,7 +204,9 @@ def test_killed_job_resumes_after_last_finished_round(tmp_path):
                    for n in ("teacher", "student-00-dense", "student-01-round1")}
     round1 = json.loads(marker.read_text())["meta"]
 
-    result = run_cli(["run", str(spec_path), "--run-dir", str(run_dir)])
+    result = subprocess.run(STILLHOUSE + ["run", str(spec_path), "--run-dir", str(run_dir)],
+                            cwd=ROOT, env=_env_with_secrets(), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "teacher: done in an earlier run, skipped" in result.stdout
     assert "resuming after student-01-round1" in result.stdout
@@ -205,6 +222,14 @@ def test_killed_job_resumes_after_last_finished_round(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rounds"][0]["accuracy"] == round1["accuracy"]
     assert report["final"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+    written = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(written) > 20 and any(p.suffix == ".wandb" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        assert WANDB_SECRET.encode() not in data and RAY_SECRET.encode() not in data, path
+    for text in (result.stdout, result.stderr, (tmp_path / "first.log").read_text()):
+        assert WANDB_SECRET not in text and RAY_SECRET not in text
 
     # a third run finds everything done and trains nothing
     again = run_cli(["run", str(spec_path), "--run-dir", str(run_dir)])
