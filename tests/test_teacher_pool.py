@@ -66,3 +66,26 @@ def test_pool_that_cannot_be_placed_fails_fast(cluster):
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster):
+    torch.manual_seed(0)
+    model = MLP(64, [32], 10)
+    pool = TeacherPool.start(_spec(), save(model.state_dict()), (1, 8, 8), 10)
+    try:
+        rng = np.random.default_rng(1)
+        batches = [rng.standard_normal((32, 1, 8, 8)).astype(np.float32) for _ in range(40)]
+        reference = TeacherServer(model, "fp32")
+        pids = [s["pid"] for s in pool.stats()]
+        received = []
+        for i, logits in enumerate(pool.client().stream(iter(batches))):
+            received.append(logits)
+            if i == 10:  # requests are in flight on both replicas right now
+                ray.kill(pool.replicas[0], no_restart=False)
+        assert len(received) == len(batches)  # every batch once, in order
+        for x, logits in zip(batches, received):
+            assert np.allclose(logits, reference.logits(x), atol=1e-5)
+        after = [s["pid"] for s in pool.stats()]  # the killed replica is a new process now
+        assert after[0] != pids[0] and after[1] == pids[1]
+    finally:
+        pool.shutdown()

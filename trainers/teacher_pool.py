@@ -86,9 +86,12 @@ class TeacherPoolClient:
 class TeacherPool:
     """Driver-side owner of the replicas."""
 
-    def __init__(self, replicas: list, spec: JobSpec):
+    def __init__(self, replicas: list, spec: JobSpec, blob_ref=None):
         self.replicas = replicas
         self.spec = spec
+        # Held for the pool's lifetime: a restarted replica reads its constructor arguments
+        # again, and Ray frees an object once its last reference goes.
+        self.blob_ref = blob_ref
 
     @classmethod
     def start(
@@ -100,7 +103,7 @@ class TeacherPool:
             actor.remote(spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes)
             for _ in range(spec.resources.teacher_replicas)
         ]
-        pool = cls(replicas, spec)
+        pool = cls(replicas, spec, blob_ref)
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
             [r.stats.remote() for r in replicas], num_returns=len(replicas), timeout=timeout
@@ -134,3 +137,4 @@ class TeacherPool:
         for r in self.replicas:
             ray.kill(r, no_restart=True)
         self.replicas = []
+        self.blob_ref = None
