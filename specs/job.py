@@ -129,6 +129,25 @@ class HintonKD(Strict):
 DistillationSpec = Annotated[Union[HintonKD], Field(discriminator="kind")]
 
 
+class LogitsSpec(Strict):
+    """Where the student's teacher logits come from.
+
+    `online`: the teacher pool answers every step. `cached`: before the student trains, a
+    distributed batch job (Ray Data, teacher replicas as an actor pool) writes the teacher's
+    logits for the whole training set to a cache on disk, keyed by the teacher's weights, the
+    dataset and its preprocessing; later epochs and later jobs with the same key read it.
+    `topk`: the same cache, keeping only the `top_k` largest logits per sample and the
+    log-sum-exp at the distillation temperature (see trainers/logit_cache.py for the
+    approximation).
+    """
+
+    mode: Literal["online", "cached", "topk"] = "online"
+    top_k: int = Field(5, ge=1)
+    cache_dir: str | None = Field(None, description="default: <run_dir>/../logit-cache")
+    shard_size: int = Field(8192, ge=1, description="samples per cache shard")
+    max_shards_in_memory: int = Field(4, ge=1, description="bounds a reader's memory")
+
+
 # ------------------------------------------------------------------------------------ pruning
 
 
@@ -330,6 +349,7 @@ class JobSpec(Strict):
         default_factory=lambda: HintonKD(kind="hinton")
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
+    logits: LogitsSpec = Field(default_factory=LogitsSpec)
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

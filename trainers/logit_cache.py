@@ -1,0 +1,171 @@
+"""A cache of teacher logits on disk, so the teacher runs once per (teacher, dataset), not per epoch.
+
+Layout, readable by any safetensors reader (numpy, torch, Rust):
+
+    <cache_dir>/<key>/manifest.json            key, mode, rows, classes, shard size, what made it
+    <cache_dir>/<key>/shard-00000.safetensors  rows [0, shard_size): `logits` (n, C) float32, or
+                                               `values` (n, k) float32, `indices` (n, k) int64,
+                                               `lse` (n,) float32 for top-k
+
+The key hashes the teacher file's bytes, the preprocessed training inputs, the teacher precision
+and (for top-k) k and the temperature, so a changed teacher or dataset never serves stale logits.
+A cache is written under `.partial-<key>` and renamed into place when complete. Readers load
+shards lazily and keep at most `max_shards_in_memory` of them.
+
+Top-k approximation: for each sample the cache keeps the k largest logits t_i and
+lse = logsumexp(t / T) over all classes, so the k largest teacher probabilities at temperature T,
+p_i = exp(t_i / T - lse), are exact. The remaining mass 1 - sum(p_i) is spread evenly over the
+other C - k classes. `expand_topk` returns pseudo-logits T * log(p), for which
+log_softmax(z / T) = log(p): the KD loss sees exactly this distribution. The error is in how the
+small tail mass is shared, not in its total; `tests/test_logit_cache.py` measures it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "stillhouse-logits-v1"
+
+
+def cache_key(teacher_blob: bytes, x_train: np.ndarray, *, mode: str, top_k: int,
+              temperature: float, precision: str) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    h.update(hashlib.sha256(teacher_blob).digest())
+    h.update(hashlib.sha256(np.ascontiguousarray(x_train).tobytes()).digest())
+    h.update(str(x_train.shape).encode())
+    settings = {"mode": "full" if mode == "cached" else "topk", "precision": precision}
+    if mode == "topk":
+        settings.update(top_k=top_k, temperature=temperature)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def compress_topk(logits: np.ndarray, k: int, temperature: float) -> dict[str, np.ndarray]:
+    """(B, C) logits -> the k largest (values, indices) and logsumexp(logits / T), (B,)."""
+    indices = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # (B, k)
+    values = np.take_along_axis(logits, indices, axis=1).astype(np.float32)
+    scaled = logits.astype(np.float64) / temperature
+    top = scaled.max(axis=1, keepdims=True)
+    lse = (top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))).astype(np.float32)
+    return {"values": values, "indices": indices.astype(np.int64), "lse": lse}
+
+
+def expand_topk(values: np.ndarray, indices: np.ndarray, lse: np.ndarray, num_classes: int,
+                temperature: float) -> np.ndarray:
+    """Pseudo-logits (B, C) whose softmax at T is the top-k distribution (see module docstring)."""
+    b, k = values.shape
+    logp_top = values.astype(np.float64) / temperature - lse[:, None]  # exact, (B, k)
+    rest = np.clip(1.0 - np.exp(logp_top).sum(axis=1), 1e-12, None)  # tail mass, (B,)
+    logp = np.repeat((np.log(rest) - np.log(max(1, num_classes - k)))[:, None], num_classes, axis=1)
+    np.put_along_axis(logp, indices, logp_top, axis=1)
+    return (temperature * logp).astype(np.float32)
+
+
+class CacheWriter:
+    """Appends rows in order and writes a shard whenever `shard_size` rows are buffered."""
+
+    def __init__(self, root: Path, key: str, *, shard_size: int, meta: dict):
+        self.root, self.key, self.shard_size, self.meta = Path(root), key, shard_size, meta
+        self.staging = self.root / f".partial-{key}"
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+        self.buffer: dict[str, list[np.ndarray]] = {}
+        self.buffered = 0
+        self.rows = 0
+        self.shards = 0
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in arrays.items():
+            self.buffer.setdefault(name, []).append(value)
+        self.buffered += len(next(iter(arrays.values())))
+        while self.buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        from safetensors.numpy import save_file
+
+        joined = {k: np.concatenate(v) for k, v in self.buffer.items()}
+        save_file({k: np.ascontiguousarray(v[:n]) for k, v in joined.items()},
+                  str(self.staging / f"shard-{self.shards:05d}.safetensors"))
+        self.buffer = {k: [v[n:]] for k, v in joined.items()}
+        self.buffered -= n
+        self.rows += n
+        self.shards += 1
+
+    def commit(self) -> Path:
+        if self.buffered:
+            self._flush(self.buffered)
+        manifest = {**self.meta, "key": self.key, "format": FORMAT, "rows": self.rows,
+                    "shards": self.shards, "shard_size": self.shard_size}
+        with open(self.staging / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.root / self.key
+        if final.exists():  # another job filled the same cache meanwhile: keep theirs
+            shutil.rmtree(self.staging)
+        else:
+            os.rename(self.staging, final)
+        return final
+
+
+class LogitCache:
+    """Reads teacher logits for sample indices from a complete cache."""
+
+    def __init__(self, folder: Path, max_shards_in_memory: int):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.max_shards = max_shards_in_memory
+        self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.shard_loads = 0
+
+    @classmethod
+    def open(cls, root: Path, key: str, max_shards_in_memory: int) -> "LogitCache | None":
+        folder = Path(root) / key
+        if not (folder / "manifest.json").is_file():
+            return None
+        return cls(folder, max_shards_in_memory)
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["rows"]
+
+    def _shard(self, i: int) -> dict[str, np.ndarray]:
+        if i in self._shards:
+            self._shards.move_to_end(i)
+            return self._shards[i]
+        from safetensors.numpy import load_file
+
+        shard = load_file(str(self.folder / f"shard-{i:05d}.safetensors"))
+        self.shard_loads += 1
+        self._shards[i] = shard
+        while len(self._shards) > self.max_shards:
+            self._shards.popitem(last=False)
+        return shard
+
+    def logits(self, indices: np.ndarray) -> np.ndarray:
+        """(B,) sample indices -> (B, C) float32 teacher logits (pseudo-logits for top-k)."""
+        size = self.manifest["shard_size"]
+        out = None
+        for shard_id in np.unique(indices // size):
+            rows = np.nonzero(indices // size == shard_id)[0]
+            local = indices[rows] - shard_id * size
+            shard = self._shard(int(shard_id))
+            if "logits" in shard:
+                part = shard["logits"][local]
+            else:
+                part = expand_topk(shard["values"][local], shard["indices"][local],
+                                   shard["lse"][local], self.manifest["classes"],
+                                   self.manifest["temperature"])
+            if out is None:
+                out = np.empty((len(indices), part.shape[1]), dtype=np.float32)
+            out[rows] = part
+        return out
