@@ -107,6 +107,11 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
     blob = Path(teacher_file).read_bytes()
     teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
 
+    # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
+    logit_cache = None
+    if spec.logits.mode != "online":
+        logit_cache = _logit_cache(spec, blob, data, run_path)
+
     # 2. teacher pool ----------------------------------------------------------------------
     _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas")
     pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes)
@@ -137,7 +142,7 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
                 _say("stage 3/4 student: dense distillation (pruning disabled)")
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
                                              data_dir, teacher_replicas=pool.replicas,
-                                             wandb_config=ids))
+                                             logit_cache=logit_cache, wandb_config=ids))
         replica_stats = pool.stats()
     finally:
         pool.shutdown()
@@ -194,6 +199,24 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
         raise JobError(f"the {request.stage} stage failed: {_first_line(err)}") from err
     if getattr(result, "error", None) is not None:
         raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)}")
+
+
+def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str, str]:
+    """The (dir, key) of a complete cache for this teacher and data, filled now if missing."""
+    from trainers.logit_cache import LogitCache, cache_key, fill_cache
+
+    root = Path(spec.logits.cache_dir or run_path.parent / "logit-cache").resolve()
+    key = cache_key(blob, data.x_train, mode=spec.logits.mode, top_k=spec.logits.top_k,
+                    temperature=getattr(spec.distillation, "temperature", 1.0),
+                    precision=spec.precision)
+    if LogitCache.open(root, key, 1) is not None:
+        _say(f"logit cache: reusing {root / key}")
+    else:
+        started = time.perf_counter()
+        folder = fill_cache(spec, blob, data.x_train, data.num_classes, root, key)
+        _say(f"logit cache: wrote {folder} ({len(data.x_train):,} samples, "
+             f"{spec.logits.mode}) in {time.perf_counter() - started:.1f}s")
+    return str(root), key
 
 
 def _claim_run_dir(spec: JobSpec, run_path: Path) -> str:

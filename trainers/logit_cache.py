@@ -169,3 +169,59 @@ class LogitCache:
                 out = np.empty((len(indices), part.shape[1]), dtype=np.float32)
             out[rows] = part
         return out
+
+
+class _TeacherBatches:
+    """Ray Data callable class: one teacher per actor, (B, C, H, W) batches -> cache rows."""
+
+    def __init__(self, spec_json: str, blob_ref, image_shape: tuple, num_classes: int):
+        import ray
+        import torch
+
+        from specs import JobSpec
+        from trainers.teacher_server import TeacherServer, load_teacher
+
+        self.spec = JobSpec.model_validate_json(spec_json)
+        torch.set_num_threads(max(1, int(self.spec.resources.teacher_cpus)))
+        model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), tuple(image_shape), num_classes)
+        self.server = TeacherServer(model, self.spec.precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        logits = self.server.logits(batch["data"])
+        if self.spec.logits.mode == "topk":
+            temperature = getattr(self.spec.distillation, "temperature", 1.0)
+            return compress_topk(logits, self.spec.logits.top_k, temperature)
+        return {"logits": logits}
+
+
+def fill_cache(spec, blob: bytes, x_train: np.ndarray, num_classes: int, root: Path,
+               key: str) -> Path:
+    """Run the teacher over the whole training set as a Ray Data job with an actor pool of
+    `resources.teacher_replicas` teachers, and write the cache in sample order."""
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shard rows must follow sample order
+    blob_ref = ray.put(blob)
+    # several blocks, so every actor of the pool gets work; order is kept by preserve_order
+    blocks = np.array_split(x_train, max(1, 4 * spec.resources.teacher_replicas))
+    rows = ray.data.from_numpy(blocks).map_batches(
+        _TeacherBatches,
+        fn_constructor_args=(spec.model_dump_json(), [blob_ref], x_train.shape[1:], num_classes),
+        batch_size=1024,
+        batch_format="numpy",
+        concurrency=spec.resources.teacher_replicas,
+        num_cpus=spec.resources.teacher_cpus,
+    )
+    writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
+        "mode": spec.logits.mode, "classes": num_classes, "top_k": spec.logits.top_k,
+        "temperature": getattr(spec.distillation, "temperature", 1.0),
+        "precision": spec.precision,
+    })
+    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(batch)
+    folder = writer.commit()
+    if writer.rows != len(x_train):
+        raise RuntimeError(f"logit cache {key}: wrote {writer.rows} rows for {len(x_train)} samples")
+    return folder

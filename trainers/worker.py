@@ -28,6 +28,7 @@ from specs.job import JobSpec
 from trainers import checkpoint
 from trainers.data import Dataset, epoch_shard, load_dataset
 from trainers.engine import DistillEngine, set_distributed_env
+from trainers.logit_cache import LogitCache
 from trainers.models import build_model, count_params
 from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
 from trainers.pruning import mask_digest, sparsity_stats
@@ -43,6 +44,7 @@ class StageRequest:
     run_dir: str
     data_dir: str | None
     teacher_replicas: list | None = None  # actor handles, student stage only
+    logit_cache: tuple[str, str] | None = None  # (cache dir, key): read logits from the cache
     wandb_config: dict | None = None  # job id, spec hash: added to the W&B run config
 
 
@@ -81,14 +83,19 @@ def train_worker(config: dict) -> None:
             config={"spec": spec.model_dump(mode="json"), "world_size": world,
                     "resumed_after": done[-1] if done else None, **(req.wandb_config or {})},
         )
-    client = (
-        TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches) if student else None
-    )
+    client = cache = None
+    if student and req.logit_cache:
+        cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
+                                spec.logits.max_shards_in_memory)
+        if cache is None or cache.rows != len(data.y_train):
+            raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
+    elif student:
+        client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
     try:
         for phase in todo:
             global_step = _run_phase(
-                engine, spec, phase, data, client, tracker, root, rank, world, global_step,
-                stage=req.stage, total_phases=len(phases),
+                engine, spec, phase, data, client, cache, tracker, root, rank, world,
+                global_step, stage=req.stage, total_phases=len(phases),
             )
     finally:
         tracker.finish()
@@ -116,10 +123,10 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
 
 def _run_phase(
     engine: DistillEngine, spec: JobSpec, phase: Phase, data: Dataset,
-    client: TeacherPoolClient | None, tracker: Tracker, root: Path, rank: int, world: int,
-    global_step: int, *, stage: str, total_phases: int,
+    client: TeacherPoolClient | None, cache: LogitCache | None, tracker: Tracker, root: Path,
+    rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
 ) -> int:
-    section = spec.student if client is not None else spec.teacher
+    section = spec.student if stage == "student" else spec.teacher
     threshold = None
     if phase.kind == "prune":
         threshold = engine.prune_to(phase.target_sparsity)
@@ -134,7 +141,12 @@ def _run_phase(
         batches = epoch_shard(
             len(data.y_train), section.batch_size, phase.index * 1000 + epoch, spec.seed, rank, world
         )
-        teacher = client.stream(data.x_train[idx] for idx in batches) if client else repeat(None)
+        if cache is not None:  # cached logits: no teacher in the loop at all
+            teacher = (cache.logits(idx) for idx in batches)
+        elif client is not None:  # online: requests in flight ahead of the steps
+            teacher = client.stream(data.x_train[idx] for idx in batches)
+        else:  # the teacher itself is training
+            teacher = repeat(None)
         epoch_losses = []
         for idx, t_logits in zip(batches, teacher):
             lr = cosine_lr(step_in_phase, total_steps, section.lr)

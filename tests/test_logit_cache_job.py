@@ -1,0 +1,90 @@
+"""The logit cache in real jobs: filled once by Ray Data, reused by a job with the same teacher,
+rebuilt for a changed teacher; top-k training against full-logit training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from safetensors.torch import load_file, save
+
+from orchestrator.job import _logit_cache
+from specs import parse_spec
+from test_job_ray import digits_spec, run_cli, write_spec
+from trainers.data import load_dataset
+from trainers.logit_cache import LogitCache
+from trainers.teacher_server import TeacherServer, load_teacher
+
+pytestmark = pytest.mark.ray
+
+# Stated tolerance for top-k (k=3) against full cached logits: final test accuracy on digits'
+# 450 test images within 3 points (13 images).
+TOPK_ACCURACY_TOLERANCE = 0.03
+
+
+def _run(tmp_path: Path, name: str, teacher: dict, logits: dict) -> tuple[dict, str]:
+    spec = digits_spec(1, group="cache", name=name, teacher=teacher, logits={
+        **logits, "cache_dir": str(tmp_path / "cache")})
+    spec["student"]["epochs"] = 8
+    spec["pruning"] = {"enabled": False}
+    spec["wandb"] = {"mode": "disabled"}
+    folder = tmp_path / name
+    folder.mkdir()
+    result = run_cli(["run", str(write_spec(folder, spec)), "--run-dir", str(folder / "run")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((folder / "run" / "report.json").read_text()), result.stdout
+
+
+def test_cache_is_reused_rebuilt_and_topk_trains_like_full_logits(tmp_path):
+    trained = {"kind": "train", "model": {"kind": "mlp", "hidden": [128, 128]}, "epochs": 6,
+               "lr": 0.003, "batch_size": 32}
+    full, out = _run(tmp_path, "first", trained, {"mode": "cached"})
+    assert "logit cache: wrote" in out
+    caches = list((tmp_path / "cache").iterdir())
+    assert len(caches) == 1
+    manifest = caches[0] / "manifest.json"
+    written_at = manifest.stat().st_mtime_ns
+    assert json.loads(manifest.read_text())["rows"] == 1347
+
+    # a second job with the same teacher (loaded from the first job's file) reads that cache
+    teacher_file = tmp_path / "first" / "run" / "checkpoints" / "teacher" / "model.safetensors"
+    same = {"kind": "checkpoint", "model": trained["model"], "path": str(teacher_file)}
+    again, out = _run(tmp_path, "same-teacher", same, {"mode": "cached"})
+    assert f"logit cache: reusing {caches[0]}" in out
+    assert manifest.stat().st_mtime_ns == written_at
+    assert again["teacher"]["accuracy"] == full["teacher"]["accuracy"]
+    assert again["final"]["accuracy"] == full["final"]["accuracy"]  # same logits, same run
+
+    # top-k logits from the same teacher train a student about as well as the full ones
+    topk, out = _run(tmp_path, "topk", same, {"mode": "topk", "top_k": 3})
+    assert "logit cache: wrote" in out and "topk" in out
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    gap = abs(topk["final"]["accuracy"] - full["final"]["accuracy"])
+    assert gap <= TOPK_ACCURACY_TOLERANCE, (topk["final"]["accuracy"], full["final"]["accuracy"])
+
+    # a changed teacher gets a cache of its own: the driver's cache step, on a real cluster
+    weights = load_file(str(teacher_file))
+    weights["net.4.bias"] = weights["net.4.bias"] + 0.5
+    changed = save(weights)
+    spec = parse_spec(digits_spec(1, group="cache", teacher=same, logits={
+        "mode": "cached", "cache_dir": str(tmp_path / "cache")}))
+    data = load_dataset(spec.data, None, spec.seed)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        root, key = _logit_cache(spec, changed, data, tmp_path / "changed")
+        assert _logit_cache(spec, Path(teacher_file).read_bytes(), data, tmp_path)[1] == caches[0].name
+    finally:
+        ray.shutdown()
+    assert key != caches[0].name and len(list((tmp_path / "cache").iterdir())) == 3
+    # every row is the teacher's logits for that very sample: the distributed fill kept order
+    teacher = TeacherServer(load_teacher(spec.teacher, teacher_file.read_bytes(),
+                                         data.image_shape, 10), spec.precision)
+    first_cache = LogitCache.open(tmp_path / "cache", caches[0].name, 1)
+    everything = np.arange(len(data.y_train))
+    assert np.array_equal(first_cache.logits(everything), teacher.logits(data.x_train))
+    cache = LogitCache.open(Path(root), key, 1)
+    assert not np.allclose(cache.logits(np.arange(8)),
+                           LogitCache.open(tmp_path / "cache", caches[0].name, 1).logits(np.arange(8)))
