@@ -90,7 +90,7 @@ def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path):
     finally:
         stop_tree(scheduler)
     down_at = datetime.now(timezone.utc)
-    time.sleep(32)  # at least one slot passes, and its grace too, while the scheduler is down
+    time.sleep(22)  # a 15 s cron: at least one slot passes, and its 5 s grace too, while down
     scheduler = start("scheduler-2.log")
     try:
         _wait_for(lambda: [f for f in _firings(db) if f["status"] == "missed"], 30, "missed slots")
