@@ -51,7 +51,9 @@ def _yaml_path(loc: tuple, raw: Any) -> tuple[str, Any]:
             continue
         if isinstance(node, dict) and item not in node and node.get("kind") == item:
             continue  # the union's tag, not a key
-        if item in ("function-after", "literal"):  # pydantic-internal location parts
+        if not isinstance(node, dict) and node is not None:
+            continue  # a union member's name (e.g. `literal['all']`): the user wrote a scalar
+        if item.startswith("function-"):  # pydantic-internal location parts
             continue
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None
