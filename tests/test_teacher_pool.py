@@ -10,7 +10,7 @@ from safetensors.torch import save
 
 from specs import parse_spec
 from trainers.models import MLP
-from trainers.teacher_pool import PoolStartError, TeacherPool
+from trainers.teacher_pool import PoolError, PoolStartError, TeacherPool
 from trainers.teacher_server import TeacherServer
 
 pytestmark = pytest.mark.ray
@@ -78,14 +78,31 @@ def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster):
         reference = TeacherServer(model, "fp32")
         pids = [s["pid"] for s in pool.stats()]
         received = []
-        for i, logits in enumerate(pool.client().stream(iter(batches))):
+        client = pool.client()
+        for i, logits in enumerate(client.stream(iter(batches))):
             received.append(logits)
             if i == 10:  # requests are in flight on both replicas right now
                 ray.kill(pool.replicas[0], no_restart=False)
         assert len(received) == len(batches)  # every batch once, in order
+        assert client.failovers >= 1  # what was in flight on the dead replica went elsewhere
         for x, logits in zip(batches, received):
             assert np.allclose(logits, reference.logits(x), atol=1e-5)
         after = [s["pid"] for s in pool.stats()]  # the killed replica is a new process now
         assert after[0] != pids[0] and after[1] == pids[1]
+    finally:
+        pool.shutdown()
+
+
+def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
+    torch.manual_seed(0)
+    spec = _spec(teacher_replicas=1, teacher_max_restarts=0)
+    pool = TeacherPool.start(spec, save(MLP(64, [32], 10).state_dict()), (1, 8, 8), 10)
+    try:
+        batches = (np.zeros((8, 1, 8, 8), np.float32) for _ in range(10))
+        stream = pool.client().stream(batches)
+        next(stream)
+        ray.kill(pool.replicas[0], no_restart=True)
+        with pytest.raises(PoolError, match="teacher request failed"):
+            list(stream)
     finally:
         pool.shutdown()

@@ -56,7 +56,8 @@ def replica_options(spec: JobSpec) -> dict:
     options = {
         "num_cpus": spec.resources.teacher_cpus,
         "max_restarts": spec.resources.teacher_max_restarts,
-        "max_task_retries": spec.resources.teacher_max_restarts,
+        # no retries on the same replica: the client sends a failed request to another one
+        "max_task_retries": 0,
     }
     if spec.resources.teacher_labels:
         options["label_selector"] = dict(spec.resources.teacher_labels)

@@ -46,39 +46,67 @@ class TeacherReplica:
                 "served": self.served}
 
 
+class PoolError(RuntimeError):
+    """No replica could answer a request: every retry failed."""
+
+
 class TeacherPoolClient:
     """Streams teacher logits for a sequence of input batches, in order, with requests in flight.
+
+    Failover: a request whose replica dies is sent again to the replica with the least
+    outstanding work among the others (Ray restarts the dead one meanwhile, up to its
+    `max_restarts`), so every batch's logits are handed back exactly once and in order. After
+    `max_attempts` failures of one request the stream raises `PoolError`.
 
     Picklable (it holds only actor handles), so the driver hands one to every student worker.
     """
 
-    def __init__(self, replicas: list, prefetch: int):
+    def __init__(self, replicas: list, prefetch: int, max_attempts: int = 4):
         self.replicas = replicas
         self.prefetch = prefetch
+        self.max_attempts = max_attempts
+        self.failovers = 0  # requests sent again after their replica died
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Yield (B, num_classes) logits for each (B, C, H, W) batch, in the order given."""
         outstanding = [0] * len(self.replicas)
-        pending: deque = deque()  # (ObjectRef, replica index), oldest first
+        pending: deque = deque()  # [ObjectRef, replica index, batch, attempts], oldest first
         source = iter(batches)
+
+        def send(x: np.ndarray, avoid: int | None = None) -> list:
+            choices = [i for i in range(len(self.replicas)) if i != avoid] or [avoid]
+            i = min(choices, key=outstanding.__getitem__)
+            outstanding[i] += 1
+            return [self.replicas[i].logits.remote(x), i, x, 0]
 
         def submit() -> bool:
             x = next(source, None)
             if x is None:
                 return False
-            i = min(range(len(self.replicas)), key=outstanding.__getitem__)
-            pending.append((self.replicas[i].logits.remote(x), i))
-            outstanding[i] += 1
+            pending.append(send(x))
             return True
 
         for _ in range(self.prefetch):
             if not submit():
                 break
         while pending:
-            ref, i = pending.popleft()
-            ray.wait([ref], num_returns=1)  # only the oldest is needed now; the rest keep running
-            logits = ray.get(ref)
-            outstanding[i] -= 1
+            entry = pending[0]
+            ray.wait([entry[0]], num_returns=1)  # only the oldest is needed now; the rest run on
+            try:
+                logits = ray.get(entry[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                outstanding[entry[1]] -= 1
+                attempts = entry[3] + 1
+                if attempts >= self.max_attempts:
+                    raise PoolError(
+                        f"teacher request failed {attempts} times; last: {type(err).__name__}"
+                    ) from None
+                self.failovers += 1
+                pending[0] = send(entry[2], avoid=entry[1])
+                pending[0][3] = attempts
+                continue
+            pending.popleft()
+            outstanding[entry[1]] -= 1
             submit()  # refill before handing back, so the window stays full during the step
             yield logits
 
