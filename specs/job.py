@@ -253,6 +253,12 @@ class ResourcesSpec(Strict):
     prefetch_batches: int = Field(
         4, ge=1, le=64, description="teacher requests each worker keeps in flight"
     )
+    teacher_max_batch: int = Field(
+        2048, ge=1, description="rows a replica gathers from all students into one forward"
+    )
+    teacher_max_wait_ms: float = Field(
+        2.0, ge=0.0, description="how long a request waits for others to join its batch"
+    )
     placement_timeout_s: float = Field(
         60.0, gt=0.0, description="how long to wait for CPUs before failing"
     )

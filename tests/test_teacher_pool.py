@@ -106,3 +106,36 @@ def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
             list(stream)
     finally:
         pool.shutdown()
+
+
+def test_requests_from_several_students_share_forwards(cluster):
+    import threading
+
+    torch.manual_seed(0)
+    model = MLP(64, [32], 10)
+    spec = _spec(teacher_replicas=1, teacher_cpus=1.0, teacher_max_wait_ms=20.0)
+    pool = TeacherPool.start(spec, save(model.state_dict()), (1, 8, 8), 10)
+    try:
+        reference = TeacherServer(model, "fp32")
+        rng = np.random.default_rng(2)
+        per_student = [[rng.standard_normal((16, 1, 8, 8)).astype(np.float32) for _ in range(30)]
+                       for _ in range(3)]
+        results: dict[int, list] = {}
+
+        def student(k: int) -> None:  # each student is its own client, as in a worker
+            results[k] = list(pool.client().stream(iter(per_student[k])))
+
+        threads = [threading.Thread(target=student, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for k in range(3):
+            assert len(results[k]) == 30
+            for x, logits in zip(per_student[k], results[k]):
+                assert np.allclose(logits, reference.logits(x), atol=1e-5)
+        (stats,) = pool.stats()
+        assert stats["requests"] == 90
+        assert stats["forwards"] < 90  # requests from different students were batched together
+    finally:
+        pool.shutdown()

@@ -63,3 +63,48 @@ def test_server_answers_float32_logits(precision):
     ref = model(torch.from_numpy(x)).detach().numpy()
     assert np.allclose(out, ref, atol=0.1 if precision == "bf16" else 1e-6)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_request_batcher_coalesces_concurrent_requests():
+    import asyncio
+
+    from trainers.teacher_server import RequestBatcher
+
+    seen = []
+
+    def double(x):
+        seen.append(len(x))
+        return x * 2
+
+    async def main():
+        batcher = RequestBatcher(double, max_rows=1000, max_wait_s=0.05)
+        inputs = [np.full((i + 1, 3), i, np.float32) for i in range(10)]
+        outputs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        for x, y in zip(inputs, outputs):
+            assert np.array_equal(y, x * 2)  # each caller gets its own rows back
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert seen == [55] and batcher.calls == 1 and batcher.requests == 10
+
+
+def test_request_batcher_sends_a_full_batch_at_once_and_propagates_errors():
+    import asyncio
+
+    from trainers.teacher_server import RequestBatcher
+
+    async def full():
+        batcher = RequestBatcher(lambda x: x, max_rows=4, max_wait_s=10.0)  # no waiting 10 s
+        return await asyncio.wait_for(batcher.submit(np.zeros((4, 2))), timeout=2)
+
+    assert asyncio.run(full()).shape == (4, 2)
+
+    def broken(x):
+        raise ValueError("teacher exploded")
+
+    async def failing():
+        batcher = RequestBatcher(broken, max_rows=100, max_wait_s=0.01)
+        await asyncio.gather(batcher.submit(np.zeros((1, 2))), batcher.submit(np.zeros((1, 2))))
+
+    with pytest.raises(ValueError, match="exploded"):
+        asyncio.run(failing())

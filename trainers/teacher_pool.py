@@ -23,27 +23,31 @@ class PoolStartError(RuntimeError):
 
 
 class TeacherReplica:
-    """One replica: loads the teacher once, then answers `logits` calls."""
+    """One replica: loads the teacher once, then answers `logits` calls, batching concurrent
+    requests from all students into one forward (an async actor around `RequestBatcher`)."""
 
     def __init__(self, spec_json: str, blob: bytes, image_shape: tuple, num_classes: int):
         import torch
 
-        from trainers.teacher_server import TeacherServer, load_teacher
+        from trainers.teacher_server import RequestBatcher, TeacherServer, load_teacher
 
         spec = JobSpec.model_validate_json(spec_json)
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
         self.server = TeacherServer(model, spec.precision)
+        self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
+                                      spec.resources.teacher_max_wait_ms / 1000.0)
         self.served = 0
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
+    async def logits(self, x: np.ndarray) -> np.ndarray:
         self.served += len(x)
-        return self.server.logits(x)
+        return await self.batcher.submit(x)
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "served": self.served}
+                "served": self.served, "forwards": self.batcher.calls,
+                "requests": self.batcher.requests}
 
 
 class PoolError(RuntimeError):

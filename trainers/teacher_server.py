@@ -5,8 +5,11 @@ No Ray here; `teacher_pool.py` wraps this in actors.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -74,3 +77,60 @@ class TeacherServer:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(inputs)
         return out.float().numpy()
+
+
+class RequestBatcher:
+    """Coalesces concurrent requests (from every student) into one call of `fn`.
+
+    A request waits at most `max_wait_s` for others to join it, and a batch is sent at once when
+    it reaches `max_rows`. Calls run one at a time on a worker thread (torch releases the GIL),
+    so requests that arrive while the teacher is busy form the next batch. Plain asyncio: the
+    Ray actor only awaits `submit`.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int, max_wait_s: float):
+        self.fn, self.max_rows, self.max_wait_s = fn, max_rows, max_wait_s
+        self._items: list = []  # (input batch, future)
+        self._rows = 0
+        self._timer = None
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self.calls = 0  # forwards run
+        self.requests = 0  # requests answered
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._items.append((x, future))
+        self._rows += len(x)
+        if self._rows >= self.max_rows:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_wait_s, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._items, self._rows = self._items, [], 0
+        if items:
+            asyncio.ensure_future(self._run(items))
+
+    async def _run(self, items: list) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(
+                self._executor, self.fn, np.concatenate([x for x, _ in items])
+            )
+        except Exception as err:  # every waiting request gets the failure
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        self.calls += 1
+        start = 0
+        for x, future in items:
+            if not future.done():
+                future.set_result(out[start : start + len(x)])
+            self.requests += 1
+            start += len(x)
