@@ -1,8 +1,11 @@
 """The teacher pool: N Ray actor replicas serving teacher logits, and the client students use.
 
-The actor is a thin shell over `TeacherServer`. The client keeps `prefetch_batches` requests in
-flight ahead of the student, spread over the replicas by least outstanding work, so a student's
-step overlaps the teacher's forward for the next batches instead of waiting on a round trip.
+The actor is a thin async shell over `TeacherServer` and `RequestBatcher`: requests from all
+students that reach a replica within `teacher_max_wait_ms` share one forward. The client keeps
+`prefetch_batches` requests in flight ahead of its student (backpressure: never more), spread
+over the replicas by least outstanding work, so a student's step overlaps the teacher's forward
+for the next batches instead of waiting on a round trip; a request whose replica dies goes to
+another replica while Ray restarts the dead one.
 """
 
 from __future__ import annotations
