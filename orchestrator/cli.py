@@ -188,6 +188,19 @@ def _scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool(args: argparse.Namespace) -> int:
+    import ray
+
+    from trainers.teacher_pool import stop_shared_pool
+
+    ray.init(address=args.ray_address, logging_level="warning")
+    try:
+        print(f"stopped {stop_shared_pool(args.name)} replicas of shared pool {args.name}")
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def _manifests(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
@@ -263,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     for a in actions.choices.values():
         a.add_argument("--db", default=DEFAULT_DB, help=f"schedule store (default {DEFAULT_DB})")
     p.set_defaults(func=_schedule)
+    p = sub.add_parser("pool", help="shared teacher pools: stop")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("stop", help="kill a shared pool's replicas")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--ray-address", default="auto", help="the cluster's GCS address")
+    p.set_defaults(func=_pool)
     p = sub.add_parser("manifests", help="cluster launcher, KubeRay and CronJob configs for SPEC")
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--image", default="stillhouse:latest", help="container image with stillhouse")

@@ -113,7 +113,8 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
         logit_cache = _logit_cache(spec, blob, data, run_path)
 
     # 2. teacher pool ----------------------------------------------------------------------
-    _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas")
+    shared = f" (shared pool {spec.resources.shared_pool})" if spec.resources.shared_pool else ""
+    _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas{shared}")
     pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes)
     try:
         teacher_logits = pool.predict(data.x_test)

@@ -256,6 +256,11 @@ class ResourcesSpec(Strict):
     teacher_max_batch: int = Field(
         2048, ge=1, description="rows a replica gathers from all students into one forward"
     )
+    shared_pool: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]{0,47}$",
+        description="name of a teacher pool that outlives the job and that later jobs with the "
+        "same teacher join (on a long-lived cluster)",
+    )
     teacher_max_wait_ms: float = Field(
         2.0, ge=0.0, description="how long a request waits for others to join its batch"
     )

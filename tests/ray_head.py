@@ -38,6 +38,12 @@ def token_env(token: str | None) -> dict:
     return env
 
 
+class HeadAddress(str):
+    """The dashboard address (what the Jobs API wants), with the GCS address as `.gcs`."""
+
+    gcs: str
+
+
 @contextmanager
 def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
     """Yield the dashboard address of a new token-authenticated head on 127.0.0.1."""
@@ -49,7 +55,8 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
          f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
         env=token_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
+    address = HeadAddress(f"http://127.0.0.1:{dashboard}")
+    address.gcs = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:

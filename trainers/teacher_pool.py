@@ -10,6 +10,7 @@ another replica while Ray restarts the dead one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -21,8 +22,16 @@ from specs.job import JobSpec
 from trainers.engine_config import replica_options
 
 
+SHARED_NAMESPACE = "stillhouse-pools"
+
+
 class PoolStartError(RuntimeError):
     """The replicas could not be placed or failed to load the teacher."""
+
+
+def teacher_fingerprint(blob: bytes, precision: str) -> str:
+    """What a replica serves: the teacher file's bytes and the precision."""
+    return hashlib.sha256(blob).hexdigest()[:16] + f"-{precision}"
 
 
 class TeacherReplica:
@@ -39,6 +48,7 @@ class TeacherReplica:
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
         self.server = TeacherServer(model, spec.precision)
+        self.fingerprint = teacher_fingerprint(blob, spec.precision)
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
                                       spec.resources.teacher_max_wait_ms / 1000.0)
         self.served = 0
@@ -50,7 +60,7 @@ class TeacherReplica:
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "served": self.served, "forwards": self.batcher.calls,
-                "requests": self.batcher.requests}
+                "requests": self.batcher.requests, "fingerprint": self.fingerprint}
 
 
 class PoolError(RuntimeError):
@@ -119,11 +129,20 @@ class TeacherPoolClient:
 
 
 class TeacherPool:
-    """Driver-side owner of the replicas."""
+    """Driver-side owner of the replicas.
 
-    def __init__(self, replicas: list, spec: JobSpec, blob_ref=None):
+    With `resources.shared_pool: NAME` the replicas are named, detached actors in the
+    `stillhouse-pools` namespace: the first job creates them, later jobs with the same teacher
+    (same file bytes and precision) join them, and a job that ends leaves them running for the
+    others. `stop_shared_pool(NAME)` (`stillhouse pool stop NAME`) removes them. A detached
+    replica that dies after the job that created it has ended cannot be restarted (Ray no longer
+    holds its constructor's teacher object); the pool's clients fail over to the others.
+    """
+
+    def __init__(self, replicas: list, spec: JobSpec, blob_ref=None, shared: bool = False):
         self.replicas = replicas
         self.spec = spec
+        self.shared = shared
         # Held for the pool's lifetime: a restarted replica reads its constructor arguments
         # again, and Ray frees an object once its last reference goes.
         self.blob_ref = blob_ref
@@ -133,28 +152,42 @@ class TeacherPool:
         cls, spec: JobSpec, blob: bytes, image_shape: tuple, num_classes: int
     ) -> "TeacherPool":
         blob_ref = ray.put(blob)  # once; every replica (and every restart) reads the same object
-        actor = ray.remote(TeacherReplica).options(**replica_options(spec))
+        name = spec.resources.shared_pool
+        options = replica_options(spec)
+        actors = []
+        for i in range(spec.resources.teacher_replicas):
+            if name:
+                options = {**options, "name": f"{name}-{i}", "namespace": SHARED_NAMESPACE,
+                           "lifetime": "detached", "get_if_exists": True}
+            actors.append(ray.remote(TeacherReplica).options(**options))
         replicas = [
             actor.remote(spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes)
-            for _ in range(spec.resources.teacher_replicas)
+            for actor in actors
         ]
-        pool = cls(replicas, spec, blob_ref)
+        pool = cls(replicas, spec, blob_ref, shared=bool(name))
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
             [r.stats.remote() for r in replicas], num_returns=len(replicas), timeout=timeout
         )
         if not_ready:
-            pool.shutdown()
+            pool.shutdown(force=True)
             raise PoolStartError(
                 f"{len(not_ready)} of {len(replicas)} teacher replicas were not up after "
                 f"{timeout:.0f}s (each asks for {spec.resources.teacher_cpus} CPU); "
                 "the cluster lacks free CPUs or the replicas are stuck loading"
             )
         try:
-            ray.get(ready)
+            stats = ray.get(ready)
         except ray.exceptions.RayActorError as err:
-            pool.shutdown()
+            pool.shutdown(force=True)
             raise PoolStartError(f"a teacher replica failed to start: {err}") from None
+        wanted = teacher_fingerprint(blob, spec.precision)
+        if any(s["fingerprint"] != wanted for s in stats):
+            pool.replicas = []  # they belong to the jobs that made them
+            raise PoolStartError(
+                f"shared pool {name!r} serves another teacher or precision; "
+                "use another `resources.shared_pool` name"
+            )
         return pool
 
     def client(self) -> TeacherPoolClient:
@@ -168,8 +201,22 @@ class TeacherPool:
     def stats(self) -> list[dict]:
         return ray.get([r.stats.remote() for r in self.replicas])
 
-    def shutdown(self) -> None:
-        for r in self.replicas:
-            ray.kill(r, no_restart=True)
+    def shutdown(self, force: bool = False) -> None:
+        """Stop the replicas; a shared pool's are left running for other jobs unless forced."""
+        if not self.shared or force:
+            for r in self.replicas:
+                ray.kill(r, no_restart=True)
         self.replicas = []
         self.blob_ref = None
+
+
+def stop_shared_pool(name: str) -> int:
+    """Kill a shared pool's replicas; returns how many there were."""
+    from ray.util import list_named_actors
+
+    stopped = 0
+    for entry in list_named_actors(all_namespaces=True):
+        if entry["namespace"] == SHARED_NAMESPACE and entry["name"].rsplit("-", 1)[0] == name:
+            ray.kill(ray.get_actor(entry["name"], namespace=SHARED_NAMESPACE), no_restart=True)
+            stopped += 1
+    return stopped
