@@ -1,7 +1,6 @@
 """Datasets: digits offline, MNIST verified by md5, clear errors for missing or damaged files."""
 
 import gzip
-import shutil
 import struct
 
 import numpy as np

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from specs import parse_spec
 from trainers.models import LeNet5, MLP
