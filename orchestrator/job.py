@@ -79,7 +79,6 @@ def run_job(
 
 
 def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
-
     from orchestrator.report import build_report, format_table
     from trainers import checkpoint
     from trainers.models import count_params
