@@ -27,3 +27,29 @@ def head(tmp_path_factory):
     log = tmp_path_factory.mktemp("head") / "head.log"
     with ray_head(TOKEN, num_cpus=2, log_path=log) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> dict:
+    """A teacher spec section loading an MLP trained here in plain torch (about a second), for
+    the tests about what surrounds training, so that their jobs skip the teacher stage."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.nn import functional as F
+
+    from specs.job import DigitsData
+    from trainers.data import load_digits
+    from trainers.models import MLP
+
+    data = load_digits(DigitsData(kind="digits"), seed=0)
+    torch.manual_seed(0)
+    model = MLP(64, [128, 128], 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    for _ in range(60):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("teacher") / "digits-teacher.safetensors"
+    save_file(model.state_dict(), str(path))
+    return {"kind": "checkpoint", "model": {"kind": "mlp", "hidden": [128, 128]}, "path": str(path)}

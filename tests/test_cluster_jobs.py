@@ -26,16 +26,17 @@ def cli(args, token=TOKEN, timeout=600):
                           env=token_env(token), capture_output=True, text=True, timeout=timeout)
 
 
-def _small_spec(tmp_path: Path, name: str, **overrides) -> Path:
-    spec = quick_digits_spec(name, "submitted", **overrides)
+def _small_spec(tmp_path: Path, name: str, teacher: dict) -> Path:
+    spec = quick_digits_spec(name, "submitted", teacher=teacher)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_submit_follow_and_find_the_report(head, tmp_path):
+def test_submit_follow_and_find_the_report(head, tmp_path, digits_teacher):
     run_dir = tmp_path / "run"
-    submitted = cli(["submit", str(_small_spec(tmp_path, "submitted-digits")), "--address", head,
+    spec = _small_spec(tmp_path, "submitted-digits", digits_teacher)
+    submitted = cli(["submit", str(spec), "--address", head,
                      "--run-dir", str(run_dir)])
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
@@ -60,8 +61,8 @@ def test_submit_follow_and_find_the_report(head, tmp_path):
     assert TOKEN not in listed.stdout
 
 
-def test_stop_a_running_job(head, tmp_path):
-    spec = _small_spec(tmp_path, "to-stop")
+def test_stop_a_running_job(head, tmp_path, digits_teacher):
+    spec = _small_spec(tmp_path, "to-stop", digits_teacher)
     submitted = cli(["submit", str(spec), "--address", head, "--run-dir", str(tmp_path / "run")])
     job_id = submitted.stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + 120

@@ -52,7 +52,8 @@ def digits_spec(zero_stage: int, group: str, **overrides) -> dict:
 def quick_digits_spec(name: str, group: str, epochs: int = 4, rounds: int = 1, **overrides) -> dict:
     """A short digits job (target sparsity 0.5) for tests about everything around training."""
     spec = digits_spec(1, group=group, name=name, **overrides)
-    spec["teacher"]["epochs"] = epochs
+    if spec["teacher"]["kind"] == "train":
+        spec["teacher"]["epochs"] = epochs
     spec["student"]["epochs"] = epochs
     spec["pruning"] = {"target_sparsity": 0.5, "rounds": rounds, "finetune_epochs": 1,
                        "schedule": {"kind": "oneshot" if rounds == 1 else "geometric"}}

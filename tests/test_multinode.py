@@ -14,8 +14,10 @@ from test_job_ray import check_pruned_checkpoints, quick_digits_spec
 ROLE = "stillhouse-role"
 
 
-def _spec(**resources):
+def _spec(teacher: dict | None = None, **resources):
     spec = quick_digits_spec("multinode", "multinode")
+    if teacher:
+        spec["teacher"] = teacher
     spec["wandb"]["mode"] = "disabled"
     spec["resources"].update(teacher_labels={ROLE: "teacher"}, student_labels={ROLE: "student"},
                              placement_timeout_s=30, **resources)
@@ -37,13 +39,14 @@ def test_placement_check_counts_only_labelled_live_nodes():
 
 
 @pytest.mark.ray
-def test_teacher_and_students_run_on_their_labelled_nodes(tmp_path):
+def test_teacher_and_students_run_on_their_labelled_nodes(tmp_path, digits_teacher):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     teacher_node = cluster.add_node(num_cpus=1, labels={ROLE: "teacher"})
     student_node = cluster.add_node(num_cpus=1, labels={ROLE: "student"})
     try:
         cluster.wait_for_nodes()
-        report = run_job(_spec(), run_dir=str(tmp_path / "run"), address=cluster.address)
+        report = run_job(_spec(digits_teacher), run_dir=str(tmp_path / "run"),
+                         address=cluster.address)
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -63,9 +63,9 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 @pytest.mark.ray
-def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path):
-    spec = quick_digits_spec("scheduled-digits", "scheduled", epochs=3,
-                             recurring={"cron": "*/15 * * * * *", "overlap": "skip",
+def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digits_teacher):
+    spec = quick_digits_spec("scheduled-digits", "scheduled", epochs=3, teacher=digits_teacher,
+                             recurring={"cron": "*/10 * * * * *", "overlap": "skip",
                                         "misfire_grace_s": 5})
     spec_path = tmp_path / "scheduled.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -85,12 +85,12 @@ def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path):
     scheduler = start("scheduler-1.log")
     try:
         first = _wait_for(lambda: [f for f in _firings(db) if f["ray_job_id"]], 60, "a submission")
-        # the job outlasts the 15 s interval: the next slot is skipped, not run beside it
+        # the job outlasts the 10 s interval: the next slot is skipped, not run beside it
         _wait_for(lambda: [f for f in _firings(db) if f["status"] == "skipped"], 60, "a skip")
     finally:
         stop_tree(scheduler)
     down_at = datetime.now(timezone.utc)
-    time.sleep(22)  # a 15 s cron: at least one slot passes, and its 5 s grace too, while down
+    time.sleep(22)  # a 10 s cron: slots pass, and their 5 s grace too, while it is down
     scheduler = start("scheduler-2.log")
     try:
         _wait_for(lambda: [f for f in _firings(db) if f["status"] == "missed"], 30, "missed slots")

@@ -46,6 +46,8 @@ def test_sweep_over_three_sparsities(tmp_path):
     spec = quick_digits_spec("sweep-test", "sweep-test", epochs=8, rounds=2,
                              sweep={"grid": {"pruning.target_sparsity": [0.5, 0.75, 0.9]}})
     spec["student"]["model"]["hidden"] = [64, 32]  # 6.6k weights: 90% sparse still classifies
+    # the points share the teacher, so they also share its cached logits
+    spec["logits"] = {"mode": "cached", "cache_dir": str(tmp_path / "cache")}
     spec_path = tmp_path / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "sweep"
@@ -66,6 +68,9 @@ def test_sweep_over_three_sparsities(tmp_path):
     assert [r["teacher"]["source"] for r in reports] == ["train", "checkpoint", "checkpoint"]
     assert len({r["teacher"]["accuracy"] for r in reports}) == 1  # the same teacher everywhere
     assert not (Path(rows[1]["run_dir"]) / "checkpoints" / "teacher").exists()
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # written by point 0, read by all
+    assert result.stdout.count("logit cache: wrote") == 1
+    assert result.stdout.count("logit cache: reusing") == 2
 
     table = (run_dir / "sweep.md").read_text()
     assert table.count("\n") == 5 and "pruning.target_sparsity" in table
