@@ -102,8 +102,8 @@ def submit(
         )
 
 
-def status(address: str, job_id: str) -> str:
-    client = connect(address)
+def status(address: str, job_id: str, client=None) -> str:
+    client = client or connect(address)
     return str(_call(address, client.get_job_status, job_id).value)
 
 
@@ -125,13 +125,15 @@ def follow_logs(address: str, job_id: str, out) -> str:
             out.flush()
 
     _call(address, asyncio.run, tail())
-    return wait(address, job_id, timeout=60)
+    return wait(address, job_id, timeout=60, client=client)
 
 
-def wait(address: str, job_id: str, timeout: float, poll: float = 1.0) -> str:
+def wait(address: str, job_id: str, timeout: float, poll: float = 1.0, client=None) -> str:
+    """Poll until the job ends (or `timeout` passes); one connection for all the polls."""
+    client = client or connect(address)
     deadline = time.monotonic() + timeout
     while True:
-        state = status(address, job_id)
+        state = status(address, job_id, client)
         if state in TERMINAL or time.monotonic() > deadline:
             return state
         time.sleep(poll)

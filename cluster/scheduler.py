@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -204,9 +203,8 @@ def fire(db_path: str, schedule_id: str) -> None:
                 log.info("schedule %s: slot %s skipped, %s still %s", schedule_id, slot,
                          previous["ray_job_id"], state)
                 return
-            while state in ACTIVE:  # overlap: queue (max_instances=1: at most one waits)
-                time.sleep(2)
-                state = jobs.status(row["address"], previous["ray_job_id"])
+            if state in ACTIVE:  # overlap: queue (max_instances=1: at most one waits)
+                jobs.wait(row["address"], previous["ray_job_id"], timeout=float("inf"), poll=2)
         spec = load_spec(row["spec_path"])  # read now: the newest spec (and teacher) each time
         run_dir = f"{row['run_root']}/{schedule_id}/{slot.replace(':', '').replace('+0000', 'Z')}"
         job_id = jobs.submit(spec, row["address"], run_dir=run_dir, data_dir=row["data_dir"],

@@ -50,11 +50,13 @@ def run_job(
     if address is None:
         check_cpus(spec, os.cpu_count() or 1, "this machine")
     data = load_dataset(spec.data, data_dir, spec.seed)
+    given_teacher = None  # (file bytes, model) of a teacher the spec names a file for
     teacher_file = _teacher_file(spec)
     if teacher_file is not None:  # a bad teacher file fails here, not inside a replica
         from trainers.teacher_server import load_teacher
 
-        load_teacher(spec.teacher, teacher_file.read_bytes(), data.image_shape, data.num_classes)
+        blob = teacher_file.read_bytes()
+        given_teacher = (blob, load_teacher(spec.teacher, blob, data.image_shape, data.num_classes))
     run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
     digest = _claim_run_dir(spec, run_path)
     job_id = uuid.uuid4().hex[:12]
@@ -70,7 +72,7 @@ def run_job(
             config={"spec": spec.model_dump(mode="json"), **ids},
         )
         try:
-            report = _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids)
+            report = _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
@@ -78,7 +80,7 @@ def run_job(
     return report
 
 
-def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
+def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict:
     from orchestrator.report import build_report, format_table
     from trainers import checkpoint
     from trainers.models import count_params
@@ -99,11 +101,11 @@ def _stages(spec, data, data_dir, run_path, teacher_file, tracker, ids) -> dict:
                  f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "teacher", str(run_path),
                                              data_dir, wandb_config=ids))
-        teacher_file = ckpt_root / TEACHER_CHECKPOINT / "model.safetensors"
+        blob = (ckpt_root / TEACHER_CHECKPOINT / "model.safetensors").read_bytes()
+        teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
     else:
-        _say(f"stage 1/4 teacher: loading {teacher_file}")
-    blob = Path(teacher_file).read_bytes()
-    teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
+        _say(f"stage 1/4 teacher: loaded from {spec.teacher.path}")
+        blob, teacher_model = given_teacher
 
     # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
     logit_cache = None

@@ -154,9 +154,10 @@ class LogitCache:
     def logits(self, indices: np.ndarray) -> np.ndarray:
         """(B,) sample indices -> (B, C) float32 teacher logits (pseudo-logits for top-k)."""
         size = self.manifest["shard_size"]
+        shard_of = indices // size
         out = None
-        for shard_id in np.unique(indices // size):
-            rows = np.nonzero(indices // size == shard_id)[0]
+        for shard_id in np.unique(shard_of):
+            rows = np.nonzero(shard_of == shard_id)[0]
             local = indices[rows] - shard_id * size
             shard = self._shard(int(shard_id))
             if "logits" in shard:

@@ -153,17 +153,16 @@ class TeacherPool:
     ) -> "TeacherPool":
         blob_ref = ray.put(blob)  # once; every replica (and every restart) reads the same object
         name = spec.resources.shared_pool
-        options = replica_options(spec)
-        actors = []
+        replica_cls = ray.remote(TeacherReplica)
+        base = replica_options(spec)
+        replicas = []
         for i in range(spec.resources.teacher_replicas):
-            if name:
-                options = {**options, "name": f"{name}-{i}", "namespace": SHARED_NAMESPACE,
-                           "lifetime": "detached", "get_if_exists": True}
-            actors.append(ray.remote(TeacherReplica).options(**options))
-        replicas = [
-            actor.remote(spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes)
-            for actor in actors
-        ]
+            options = base if not name else {
+                **base, "name": f"{name}-{i}", "namespace": SHARED_NAMESPACE,
+                "lifetime": "detached", "get_if_exists": True,
+            }
+            replicas.append(replica_cls.options(**options).remote(
+                spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes))
         pool = cls(replicas, spec, blob_ref, shared=bool(name))
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
