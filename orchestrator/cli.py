@@ -5,6 +5,8 @@
     stillhouse run examples/digits.yaml --run-dir runs/digits [--data-dir ../shared/data]
     stillhouse submit examples/digits.yaml --address http://127.0.0.1:8265 --run-dir /shared/runs/d1
     stillhouse status|logs [--follow]|stop JOB_ID --address ...;  stillhouse list --address ...
+    stillhouse export runs/digits          # the compact model file of a finished run, again
+    stillhouse report runs/digits          # its tables and plots
 
 Exit status: 0 success, 1 the job failed while running, 2 bad input (spec, data, teacher file,
 checkpoint, run dir, CPUs the cluster cannot give).
@@ -81,6 +83,48 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("stillhouse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.compress import ExportError, export_run_dir
+    from orchestrator.report import format_table
+    from trainers.checkpoint import CheckpointError
+    from trainers.data import DataError
+    from trainers.export import ExportFormatError
+    from trainers.teacher_server import TeacherLoadError
+
+    try:
+        report = export_run_dir(Path(args.run_dir), args.data_dir)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ExportError, ExportFormatError, CheckpointError, DataError, TeacherLoadError,
+            OSError) as err:
+        print(f"stillhouse: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_table(report))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator.report import format_table, publish_report
+
+    path = Path(args.run_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text())
+        plots = publish_report(report, Path(args.run_dir))
+        table = format_table(report)
+    except FileNotFoundError:
+        print(f"stillhouse: error: {path} does not exist (is {args.run_dir} a finished run "
+              "dir?)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        print(f"stillhouse: error: {path} is not a stillhouse report: {err!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(table)
+    for path in plots.values():
+        print(f"plot: {path}")
     return 0
 
 
@@ -242,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray "
                        "job) instead of an embedded local one")
         p.set_defaults(func=_run)
+
+    p = sub.add_parser("export", help="quantize and write a finished run's compact model file")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("report", help="print a run's tables and write its plots")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster; prints the job id")
     p.add_argument("spec", metavar="SPEC")

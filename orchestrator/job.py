@@ -8,7 +8,8 @@ again resumes after the last finished one:
     1. teacher    train it (Ray Train + DeepSpeed) or load the file the spec names
     2. pool       start the teacher replicas; score the teacher on the test set through them
     3. student    one worker group: dense distillation, then every pruning round
-    4. report     report.json, the final student's weights and masks, the printed table
+    4. report     quantize and export the final student (orchestrator/compress.py); report.json,
+                  plots, the final student's weights and masks, the printed tables
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run_job(
 
 
 def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict:
-    from orchestrator.report import build_report, format_table
+    from orchestrator.report import build_report, format_table, publish_report
     from trainers import checkpoint
     from trainers.models import count_params
     from trainers.plan import TEACHER_CHECKPOINT, student_phases
@@ -157,12 +158,18 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         spec_name=spec.name, spec_hash=ids["spec_hash"], teacher=teacher, phases=metas,
         files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
     )
+    from orchestrator.compress import COMPRESSED_FILE, compress_and_export
+
+    teacher["file_bytes"] = len(blob)
+    report.update(compress_and_export(spec, data, run_path, teacher, teacher_model))
+    report["files"]["compressed"] = COMPRESSED_FILE
     report["wall_seconds"] = time.perf_counter() - started
     report["placement"] = {  # nodes of the teacher replicas and of the last phase's workers
         "teacher_nodes": [r["node_id"] for r in replica_stats],
         "student_nodes": [c.get("node_id") for c in metas[-1]["rank_checks"]],
     }
     (run_path / "report.json").write_text(json.dumps(report, indent=2))
+    publish_report(report, run_path, tracker)
     for r in report["rounds"]:
         tracker.log({"round/accuracy": r["accuracy"], "round/sparsity": r["sparsity"],
                      "round/nonzero_params": r["nonzero_params"], "round/index": r["round"]})
@@ -170,9 +177,11 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
     tracker.log_artifact(
         f"{spec.name}-student", "model",
         [run_path / "student.safetensors", run_path / "student-masks.safetensors",
-         run_path / "report.json"],
+         run_path / COMPRESSED_FILE, run_path / "report.json"],
         metadata={"spec_hash": ids["spec_hash"], **{k: report["final"][k] for k in
-                  ("accuracy", "sparsity", "nonzero_params", "dense_params")}},
+                  ("accuracy", "sparsity", "nonzero_params", "dense_params")},
+                  **{f"export_{k}": report["export"][k] for k in
+                     ("compressed_file_bytes", "dense_file_bytes", "bits", "accuracy")}},
     )
     _say("stage 4/4 report: " + str(run_path / "report.json"))
     print(format_table(report), flush=True)

@@ -24,6 +24,7 @@ def build_report(
             "skipped_nonfinite_steps": p["skipped_nonfinite_steps"],
         }
         for p in phases[1:]
+        if p["kind"] == "prune"
     ]
     last = phases[-1]
     return {
@@ -50,6 +51,26 @@ def build_report(
     }
 
 
+def publish_report(report: dict, run_path, tracker=None) -> dict:
+    """Write the plots next to report.json and send them, and the size table, to W&B."""
+    from pathlib import Path
+
+    from orchestrator.plots import write_plots
+
+    plots = write_plots(report, Path(run_path) / "plots")
+    if tracker is not None:
+        tracker.log_images({f"report/{key}": path for key, path in plots.items()})
+        columns = ["stage", "accuracy", "file_bytes", "params", "nonzero_params", "bits",
+                   "latency_b1_ms", "latency_b256_ms"]
+        rows = [[s["name"], s["accuracy"], s.get("file_bytes"), s.get("params"),
+                 s.get("nonzero_params"), s.get("bits"),
+                 (s.get("latency_ms") or {}).get("batch_1"),
+                 (s.get("latency_ms") or {}).get("batch_256")]
+                for s in report.get("stages", [])]
+        tracker.log_table("report/stages", columns, rows)
+    return plots
+
+
 def format_table(report: dict) -> str:
     rows = [("model", "accuracy", "sparsity", "nonzero params")]
     t = report["teacher"]
@@ -74,4 +95,12 @@ def format_table(report: dict) -> str:
     )
     lines.append("per-layer sparsity: " + ", ".join(
         f"{k} {v:.3f}" for k, v in f["layer_sparsity"].items()))
+    if report.get("stages"):
+        from orchestrator.plots import size_table
+
+        e = report["export"]
+        lines += ["", size_table(report), "",
+                  f"exported {e['file']}: {e['compressed_file_bytes']:,} bytes, "
+                  f"{e['size_reduction']:.1f}x smaller than the dense fp32 student's "
+                  f"{e['dense_file_bytes']:,}; accuracy {e['accuracy']:.4f}"]
     return "\n".join(lines)

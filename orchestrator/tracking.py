@@ -87,10 +87,14 @@ class Tracker:
             self._run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_image(self, key: str, path: Path) -> None:
+        self.log_images({key: path})
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        """PNG files, in one history row."""
         if self._run is not None:
             import wandb
 
-            self._run.log({key: wandb.Image(str(path))})
+            self._run.log({key: wandb.Image(str(path)) for key, path in images.items()})
 
     def log_artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
         """Files as one W&B artifact (offline runs keep it for `wandb sync`)."""

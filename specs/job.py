@@ -199,6 +199,19 @@ class PruningSpec(Strict):
         "all", description="`all` Linear/Conv weights, or module names as in `model.named_modules()`"
     )
     include_bias: bool = Field(False, description="also prune biases")
+    granularity: Literal["weight", "channel"] = Field(
+        "weight",
+        description="`weight`: single weights by magnitude; `channel`: whole output channels "
+        "(conv filters, hidden units) by their weights' norm, removed from the exported model",
+    )
+    norm: Literal["l1", "l2"] = Field(
+        "l1", description="channel score: the L1 or L2 norm of its weights over their fan-in"
+    )
+    scope: Literal["global", "layer"] = Field(
+        "layer", description="channel pruning: each layer to the target, or one threshold across "
+        "layers (which can strip one layer to a single channel: scores compare across layers "
+        "only roughly)"
+    )
 
     @model_validator(mode="after")
     def _schedule_fits_rounds(self) -> "PruningSpec":
@@ -231,6 +244,45 @@ class PruningSpec(Strict):
                     "`schedule.initial_sparsity` must be below `target_sparsity`"
                 )
         return self
+
+
+# ------------------------------------------------------------------------------- quantization
+
+
+class QuantizationSpec(Strict):
+    """What happens to the student's weights after pruning (see trainers/quantize.py).
+
+    `dynamic`: post-training int8 weights (per output channel) with activations quantized on the
+    fly (Linear layers run torch's int8 kernels; conv weights are stored int8 and run in fp32).
+    `static`: post-training int8 weights and activations, activation ranges calibrated on
+    `calibration_samples` training images (torch.ao FX graph mode, Linear and Conv).
+    `qat`: `finetune_epochs` more epochs of distillation with fake-quantized int8 weights
+    (straight-through estimator), then the `dynamic` conversion.
+    `binary` / `ternary`: the same fine-tuning with 1-bit sign (or 2-bit -1/0/+1) weights times a
+    per-channel scale; the first and last layers stay int8.
+    """
+
+    method: Literal["none", "dynamic", "static", "qat", "binary", "ternary"] = "none"
+    finetune_epochs: int = Field(
+        3, ge=1, description="qat / binary / ternary: distillation epochs on quantized weights"
+    )
+    calibration_samples: int = Field(512, ge=1, description="static: training images to calibrate")
+    lr_scale: float = Field(
+        0.3, gt=0.0, le=1.0, description="fine-tuning learning rate as a share of the student's"
+    )
+
+    @property
+    def trains(self) -> bool:
+        return self.method in ("qat", "binary", "ternary")
+
+
+class ExportSpec(Strict):
+    """The compact model file a job ends with (see trainers/export.py)."""
+
+    latency_batches: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [1, 256], description="batch sizes the CPU latency is timed at"
+    )
+    latency_threads: int = Field(1, ge=1, description="torch threads while timing")
 
 
 # ---------------------------------------------------------------------- engine and resources
@@ -360,6 +412,8 @@ class JobSpec(Strict):
         default_factory=lambda: HintonKD(kind="hinton")
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     logits: LogitsSpec = Field(default_factory=LogitsSpec)
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)

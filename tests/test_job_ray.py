@@ -142,10 +142,18 @@ def test_digits_job_end_to_end(tmp_path):
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
     assert config["git_revision"] == (revision or None)
-    artifacts = [r.artifact for r in runs["driver"][2] if r.WhichOneof("record_type") == "artifact"]
+    logged = [r.artifact for r in runs["driver"][2] if r.WhichOneof("record_type") == "artifact"]
+    tables = [a for a in logged if a.type == "run_table"]  # the report's stage table
+    assert len(tables) == 1 and "reportstages" in tables[0].name
+    artifacts = [a for a in logged if a.type != "run_table"]
     assert [(a.name, a.type) for a in artifacts] == [("digits-test-z1-student", "model")]
     assert {f.path for f in artifacts[0].manifest.contents} == {
-        "student.safetensors", "student-masks.safetensors", "report.json"}
+        "student.safetensors", "student-masks.safetensors", "student.compressed.safetensors",
+        "report.json"}
+    plots = [r for r in driver_rows if "report/accuracy_vs_size/_type" in r]  # report plots
+    assert len(plots) == 1 and plots[0]["report/accuracy_vs_size/_type"] == "image-file"
+    assert plots[0]["report/accuracy_vs_sparsity/_type"] == "image-file"
+    assert plots[0]["report/accuracy_vs_size/format"] == "png"
     round_rows = [r for r in driver_rows if "round/accuracy" in r]
     assert [r["round/sparsity"] for r in round_rows] == [r["sparsity"] for r in report["rounds"]]
 

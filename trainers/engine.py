@@ -145,16 +145,27 @@ class DistillEngine:
             out[name] = (full if full is not None else p.detach()).float().clone().reshape(p.shape)
         return out
 
-    def prune_to(self, sparsity: float) -> float:
+    def prune_to(self, sparsity: float) -> float | None:
         """Recompute global masks at `sparsity` from the fp32 master weights; returns the threshold.
 
         Every rank computes the same masks from the same weights; rank 0's are broadcast anyway so
         that the masks are identical by construction, not by floating-point luck.
         """
         weights = self.full_fp32_weights(list(self.prunable))
-        masks, threshold = GlobalMagnitudePruner.compute_masks(
-            weights, sparsity, self.masks or None
-        )
+        pruning = self.spec.pruning
+        if pruning.granularity == "channel":
+            from trainers.structured import channel_groups, channel_masks
+
+            layers = None if pruning.layers == "all" else list(pruning.layers)
+            masks, _ = channel_masks(
+                weights, channel_groups(self.module, layers), sparsity, norm=pruning.norm,
+                scope=pruning.scope, previous=self.masks or None,
+            )
+            threshold = None  # channels, not weights: no single magnitude
+        else:
+            masks, threshold = GlobalMagnitudePruner.compute_masks(
+                weights, sparsity, self.masks or None
+            )
         if dist.is_initialized():
             for name in masks:
                 flat = masks[name].to(torch.uint8)

@@ -28,19 +28,25 @@ class MLP(nn.Module):
 class LeNet5(nn.Module):
     """Caffe's LeNet-5 (431k parameters on 28x28 MNIST): conv20-pool-conv50-pool-fc500-fc10."""
 
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, padding: int = 0):
+    WIDTHS = (20, 50, 500)  # conv1 filters, conv2 filters, hidden units
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], num_classes: int, padding: int = 0,
+        widths: tuple[int, int, int] = WIDTHS,
+    ):
         super().__init__()
         channels, height, width = image_shape
+        c1, c2, hidden = widths  # fewer after structured pruning removes channels
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 20, 5, padding=padding),
+            nn.Conv2d(channels, c1, 5, padding=padding),
             nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5, padding=padding),
+            nn.Conv2d(c1, c2, 5, padding=padding),
             nn.MaxPool2d(2),
         )
         with torch.no_grad():  # flattened size depends on the image size and padding
             flat = self.features(torch.zeros(1, channels, height, width)).numel()
         self.classifier = nn.Sequential(
-            nn.Linear(flat, 500), nn.ReLU(), nn.Linear(500, num_classes)
+            nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +62,30 @@ def build_model(
     if isinstance(spec, LeNet5Model):
         return LeNet5(image_shape, num_classes, padding=spec.padding)
     raise TypeError(f"no model registered for {type(spec).__name__}")
+
+
+def architecture(
+    spec: MLPModel | LeNet5Model, image_shape: tuple[int, int, int], num_classes: int
+) -> dict:
+    """A JSON description that `build_from_architecture` rebuilds the model from (export files
+    carry it, so loading needs neither the spec nor pickled objects)."""
+    if isinstance(spec, MLPModel):
+        return {"kind": "mlp", "image_shape": list(image_shape), "hidden": list(spec.hidden),
+                "num_classes": num_classes}
+    if isinstance(spec, LeNet5Model):
+        return {"kind": "lenet5", "image_shape": list(image_shape), "padding": spec.padding,
+                "widths": list(LeNet5.WIDTHS), "num_classes": num_classes}
+    raise TypeError(f"no model registered for {type(spec).__name__}")
+
+
+def build_from_architecture(arch: dict) -> nn.Module:
+    c, h, w = (int(v) for v in arch["image_shape"])
+    if arch["kind"] == "mlp":
+        return MLP(c * h * w, [int(v) for v in arch["hidden"]], int(arch["num_classes"]))
+    if arch["kind"] == "lenet5":
+        widths = tuple(int(v) for v in arch["widths"])
+        return LeNet5((c, h, w), int(arch["num_classes"]), int(arch["padding"]), widths)
+    raise ValueError(f"unknown architecture kind {arch['kind']!r}")
 
 
 def count_params(model: nn.Module) -> int:

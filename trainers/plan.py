@@ -18,7 +18,7 @@ from trainers.pruning import round_sparsity
 class Phase:
     index: int
     name: str  # also the checkpoint folder's name
-    kind: Literal["teacher", "dense", "prune"]
+    kind: Literal["teacher", "dense", "prune", "quantize"]
     epochs: int
     target_sparsity: float = 0.0
     round: int = 0  # pruning round, 1-based; 0 before pruning
@@ -32,7 +32,8 @@ def teacher_phases(spec: JobSpec) -> list[Phase]:
 
 
 def student_phases(spec: JobSpec) -> list[Phase]:
-    """Dense distillation, then one phase per pruning round (prune, then fine-tune by KD)."""
+    """Dense distillation, then one phase per pruning round (prune, then fine-tune by KD), then
+    for QAT / binarization / ternarization one phase of distillation on quantized weights."""
     phases = [Phase(0, "student-00-dense", "dense", spec.student.epochs)]
     if spec.pruning.enabled:
         for r in range(1, spec.pruning.rounds + 1):
@@ -42,6 +43,15 @@ def student_phases(spec: JobSpec) -> list[Phase]:
                     target_sparsity=round_sparsity(spec.pruning, r), round=r,
                 )
             )
+    if spec.quantization.trains:
+        last = phases[-1]
+        phases.append(
+            Phase(
+                len(phases), f"student-{len(phases):02d}-{spec.quantization.method}", "quantize",
+                spec.quantization.finetune_epochs, target_sparsity=last.target_sparsity,
+                round=last.round,
+            )
+        )
     return phases
 
 

@@ -71,6 +71,15 @@ def prunable_parameters(model: nn.Module, spec: PruningSpec) -> dict[str, nn.Par
             )
         modules = {name: modules[name] for name in spec.layers}
     params: dict[str, nn.Parameter] = {}
+    if spec.granularity == "channel":  # a pruned channel also zeroes its bias and its readers
+        modules = {
+            name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        }
+        for name, module in modules.items():
+            params[f"{name}.weight"] = module.weight
+            if module.bias is not None:
+                params[f"{name}.bias"] = module.bias
+        return params
     for name, module in modules.items():
         params[f"{name}.weight"] = module.weight
         if spec.include_bias and module.bias is not None:

@@ -128,8 +128,15 @@ def _run_phase(
 ) -> int:
     section = spec.student if stage == "student" else spec.teacher
     threshold = None
+    base_lr = section.lr
     if phase.kind == "prune":
         threshold = engine.prune_to(phase.target_sparsity)
+    elif phase.kind == "quantize":  # from here on the forward pass sees quantized weights
+        from trainers.quantize import enable_fake_quant, layer_kinds
+
+        enable_fake_quant(engine.module, layer_kinds(engine.module, spec.quantization.method),
+                          engine.masks)
+        base_lr = section.lr * spec.quantization.lr_scale
     steps_per_epoch = len(epoch_shard(len(data.y_train), section.batch_size, 0, spec.seed, rank, world))
     total_steps = phase.epochs * steps_per_epoch
     temperature = getattr(spec.distillation, "temperature", 1.0)
@@ -149,7 +156,7 @@ def _run_phase(
             teacher = repeat(None)
         epoch_losses = []
         for idx, t_logits in zip(batches, teacher):
-            lr = cosine_lr(step_in_phase, total_steps, section.lr)
+            lr = cosine_lr(step_in_phase, total_steps, base_lr)
             engine.set_lr(lr)
             parts = engine.train_step(
                 torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),

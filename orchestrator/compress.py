@@ -1,0 +1,211 @@
+"""The job's last stage: quantize the final student, write the compact file, measure everything.
+
+Runs in the driver (or in `stillhouse export RUN_DIR`) from committed checkpoints only, so it can
+be re-run on a finished run dir without training anything:
+
+    1. the final phase's fp32 weights and masks; structured pruning cuts dead channels out
+    2. post-training quantization (dynamic / static) or the weights QAT / binarization trained
+    3. `student.compressed.safetensors` (trainers/export.py), then reloaded from disk and checked
+       to predict exactly what the in-memory model predicts
+    4. accuracy, file size and CPU latency (batch 1 and 256) of teacher, dense student, pruned
+       student and each compression stage, side by side
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specs import JobSpec, spec_hash
+
+COMPRESSED_FILE = "student.compressed.safetensors"
+
+
+class ExportError(RuntimeError):
+    """The compressed model could not be built or does not reload to the same predictions."""
+
+
+def compress_and_export(
+    spec: JobSpec, data, run_path: Path, teacher: dict, teacher_model: torch.nn.Module | None,
+) -> dict:
+    """Returns the report's `stages` and `export` sections."""
+    from safetensors.torch import load_file, save
+
+    from trainers import checkpoint
+    from trainers.codec import BITS
+    from trainers.export import accuracy, latency_ms, load_compressed, write_compressed
+    from trainers.models import architecture, build_from_architecture, count_params
+    from trainers.plan import student_phases
+    from trainers.quantize import (
+        calibrate_static, dynamic_int8, layer_kinds, quantize_state, static_int8, weight_kinds,
+    )
+    from trainers.structured import shrink
+
+    root = run_path / "checkpoints"
+    phases = student_phases(spec)
+    for p in phases:  # a damaged or half-written checkpoint stops here, named
+        checkpoint.verify(root / p.name)
+    dense_dir, final = root / phases[0].name, phases[-1]
+    state = load_file(str(root / final.name / "model.safetensors"))
+    masks = {k: v.bool() for k, v in load_file(str(root / final.name / "masks.safetensors")).items()}
+    full_arch = architecture(spec.student.model, data.image_shape, data.num_classes)
+    arch = full_arch
+    structured = spec.pruning.enabled and spec.pruning.granularity == "channel"
+    if structured:  # cut dead channels out: the rest is dense
+        arch, state = shrink(full_arch, state, masks, build_from_architecture(full_arch))
+        masks = {}
+
+    def model_of(arch_, state_):
+        m = build_from_architecture(arch_)
+        m.load_state_dict(state_)
+        return m.eval()
+
+    method = spec.quantization.method
+    lat = spec.export
+    image_shape = tuple(data.image_shape)
+
+    def timings(model) -> dict:
+        return {f"batch_{b}": latency_ms(model, image_shape, b, threads=lat.latency_threads)
+                for b in lat.latency_batches}
+
+    dense_model = model_of(full_arch, load_file(str(dense_dir / "model.safetensors")))
+    pruned_model = model_of(arch, state)
+    dense_bytes = (dense_dir / "model.safetensors").stat().st_size
+    stages = [
+        {"name": "teacher", "accuracy": teacher["accuracy"], "file_bytes": teacher.get("file_bytes"),
+         "params": teacher["params"], "nonzero_params": teacher["params"], "bits": 32,
+         **({"latency_ms": timings(teacher_model)} if teacher_model is not None else {})},
+        {"name": "dense student", "accuracy": accuracy(dense_model, data.x_test, data.y_test)[0],
+         "file_bytes": dense_bytes, "params": count_params(dense_model),
+         "nonzero_params": count_params(dense_model), "bits": 32, "latency_ms": timings(dense_model)},
+    ]
+    if spec.pruning.enabled:
+        stages.append({
+            "name": "pruned (channels removed)" if structured else "pruned (fp32, zeros stored)",
+            "accuracy": accuracy(pruned_model, data.x_test, data.y_test)[0],
+            "file_bytes": len(save({k: v.contiguous() for k, v in state.items()})),
+            "params": count_params(pruned_model),
+            "nonzero_params": _nonzero(state), "bits": 32,
+            "latency_ms": timings(pruned_model),
+        })
+
+    kinds = layer_kinds(pruned_model, method)
+    calibration = torch.from_numpy(data.x_train[: spec.quantization.calibration_samples]).float()
+    if spec.quantization.trains and len(phases) > 1:
+        # what post-training quantization of the weights before QAT / binarization gives
+        before = load_file(str(root / phases[-2].name / "model.safetensors"))
+        before_masks = {k: v.bool() for k, v in
+                        load_file(str(root / phases[-2].name / "masks.safetensors")).items()}
+        if structured:
+            _, before = shrink(full_arch, before, before_masks, build_from_architecture(full_arch))
+            before_masks = {}
+        ptq_kinds = layer_kinds(pruned_model, method if method != "qat" else "dynamic")
+        ptq = dynamic_int8(model_of(arch, quantize_state(before, ptq_kinds, before_masks)))
+        stages.append({
+            "name": f"post-training {method if method != 'qat' else 'int8'} (no fine-tuning)",
+            "accuracy": accuracy(ptq, data.x_test, data.y_test)[0], "file_bytes": None,
+            "params": count_params(pruned_model), "nonzero_params": _nonzero(before),
+            "bits": BITS[_main_kind(ptq_kinds)],
+        })
+
+    q_state = quantize_state(state, kinds, masks)
+    q_float = model_of(arch, q_state)
+    ranges = None
+    if method == "static":
+        ranges = calibrate_static(q_float, calibration)
+        runtime, compressed = "int8_static", static_int8(q_float, ranges, image_shape)
+    elif method == "none":
+        runtime, compressed = "fp32", q_float
+    else:
+        runtime, compressed = "int8_dynamic", dynamic_int8(q_float)
+    acc, pred = accuracy(compressed, data.x_test, data.y_test)
+    bits = BITS[_main_kind(kinds)] if kinds else 32
+    prunable = [n for n in q_state if n.endswith(".weight")]
+    sparsity = 1.0 - sum(int(torch.count_nonzero(q_state[n])) for n in prunable) / max(
+        1, sum(q_state[n].numel() for n in prunable))
+    manifest = {
+        "method": {"pruning": (spec.pruning.granularity if spec.pruning.enabled else "none"),
+                   "quantization": method},
+        "sparsity": sparsity, "bits": bits, "accuracy": acc,
+        "params": count_params(q_float), "nonzero_params": _nonzero(q_state),
+        "dense_params": count_params(dense_model), "spec_hash": spec_hash(spec), "name": spec.name,
+    }
+    path = run_path / COMPRESSED_FILE
+    layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
+                              kinds=weight_kinds(kinds), runtime=runtime, manifest=manifest,
+                              act_ranges=ranges)
+    reloaded, _ = load_compressed(path)
+    reload_acc, reload_pred = accuracy(reloaded, data.x_test, data.y_test)
+    if not torch.equal(pred, reload_pred):
+        raise ExportError(
+            f"{path} reloads to different predictions on {int((pred != reload_pred).sum())} of "
+            f"{len(pred)} test images"
+        )
+    compressed_bytes = path.stat().st_size
+    exported = {
+        "name": f"compressed ({_label(spec)})", "accuracy": reload_acc,
+        "file_bytes": compressed_bytes, "params": manifest["params"],
+        "nonzero_params": manifest["nonzero_params"], "bits": bits,
+        "latency_ms": timings(reloaded),
+    }
+    stages.append(exported)
+    export = {
+        "file": COMPRESSED_FILE, "runtime": runtime, **manifest,
+        "dense_file_bytes": dense_bytes, "compressed_file_bytes": compressed_bytes,
+        "size_reduction": dense_bytes / compressed_bytes,
+        "reload_matches": True, "latency_ms": exported["latency_ms"],
+        "tensor_bytes": {n: info["bytes"] for n, info in layout.items()},
+    }
+    return {"stages": stages, "export": export}
+
+
+def _nonzero(state: dict[str, torch.Tensor]) -> int:
+    return sum(int(torch.count_nonzero(v)) for v in state.values())
+
+
+def _main_kind(kinds: dict[str, str]) -> str:
+    """The method's kind (binary / ternary networks keep their first and last layers at int8)."""
+    values = set(kinds.values())
+    return next((k for k in ("binary", "ternary") if k in values), "int8")
+
+
+def _label(spec: JobSpec) -> str:
+    parts = []
+    if spec.pruning.enabled:
+        parts.append(f"{spec.pruning.target_sparsity:.0%} {spec.pruning.granularity} pruned")
+    if spec.quantization.method != "none":
+        parts.append(spec.quantization.method)
+    return ", ".join(parts) or "fp32"
+
+
+def export_run_dir(run_dir: Path, data_dir: str | None = None) -> dict:
+    """`stillhouse export RUN_DIR`: redo the last stage of a finished run; updates report.json."""
+    import json
+
+    from orchestrator.report import publish_report
+    from specs import load_spec
+    from specs.job import TrainedTeacher
+    from trainers.data import load_dataset
+    from trainers.teacher_server import load_teacher
+
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    if not (run_dir / "spec.yaml").is_file() or not report_path.is_file():
+        raise ExportError(f"{run_dir} is not a finished run dir (no spec.yaml or report.json)")
+    spec = load_spec(run_dir / "spec.yaml")
+    report = json.loads(report_path.read_text())
+    data = load_dataset(spec.data, data_dir, spec.seed)
+    if isinstance(spec.teacher, TrainedTeacher):
+        blob = (run_dir / "checkpoints" / "teacher" / "model.safetensors").read_bytes()
+    else:
+        blob = Path(spec.teacher.path).read_bytes()
+    teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
+    teacher = {**report["teacher"], "file_bytes": len(blob)}
+    report.update(compress_and_export(spec, data, run_dir, teacher, teacher_model))
+    report.setdefault("files", {})["compressed"] = COMPRESSED_FILE
+    tmp = report_path.with_name("report.json.partial")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(report_path)
+    publish_report(report, run_dir)
+    return report

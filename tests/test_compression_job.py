@@ -1,0 +1,132 @@
+"""Compression beyond magnitude pruning, through the job driver on a real Ray cluster: QAT int8
+after global pruning, and structured channel pruning of LeNet-5 with binary weights; each job ends
+in a compact file that `stillhouse export` / `report` can rebuild and that reloads exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from specs.job import DigitsData
+from test_job_ray import digits_spec, run_cli, write_spec
+from trainers.data import load_digits
+from trainers.export import accuracy, load_compressed
+from trainers.models import LeNet5, count_params
+
+pytestmark = pytest.mark.ray
+
+
+def _job(tmp_path: Path, spec: dict) -> tuple[dict, str, Path]:
+    run_dir = tmp_path / "run"
+    result = run_cli(["run", str(write_spec(tmp_path, spec)), "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((run_dir / "report.json").read_text()), result.stdout, run_dir
+
+
+def _contents(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _reload(run_dir: Path, report: dict):
+    """The exported file, loaded on its own, scores what the report says on the test set."""
+    data = load_digits(DigitsData(kind="digits"), seed=0)
+    model, meta = load_compressed(run_dir / report["export"]["file"])
+    acc, _ = accuracy(model, data.x_test, data.y_test)
+    assert acc == report["export"]["accuracy"]
+    assert meta["manifest"]["spec_hash"] == report["spec_hash"]
+    return model, meta
+
+
+def test_qat_int8_of_a_90_percent_sparse_student_is_ten_times_smaller(tmp_path, digits_teacher):
+    spec = digits_spec(1, group="compress", name="qat", teacher=digits_teacher)
+    spec["student"] = {"model": {"kind": "mlp", "hidden": [256, 128]}, "epochs": 8, "lr": 0.003,
+                       "batch_size": 32}
+    spec["pruning"] = {"target_sparsity": 0.9, "rounds": 2, "finetune_epochs": 2,
+                       "schedule": {"kind": "geometric"}}
+    spec["quantization"] = {"method": "qat", "finetune_epochs": 2}
+    spec["wandb"] = {"mode": "offline", "project": "stillhouse", "group": "compress"}
+    report, out, run_dir = _job(tmp_path, spec)
+
+    export = report["export"]
+    assert export["dense_file_bytes"] / export["compressed_file_bytes"] >= 10.0
+    assert export["sparsity"] == pytest.approx(0.9, abs=0.01) and export["bits"] == 8
+    assert export["runtime"] == "int8_dynamic" and export["reload_matches"]
+    names = [s["name"] for s in report["stages"]]
+    assert names[:3] == ["teacher", "dense student", "pruned (fp32, zeros stored)"]
+    ptq = next(s for s in report["stages"] if s["name"].startswith("post-training"))
+    dense = report["stages"][1]
+    # int8 costs little here: QAT within 2 points of the dense student, PTQ measured beside it
+    assert export["accuracy"] >= dense["accuracy"] - 0.02
+    assert 0.0 < ptq["accuracy"] <= 1.0
+    for s in report["stages"]:
+        if "latency_ms" in s:
+            assert set(s["latency_ms"]) == {"batch_1", "batch_256"}
+            assert all(v > 0 for v in s["latency_ms"].values())
+    _reload(run_dir, report)
+    assert "compressed (90% weight pruned, qat)" in out and "exported student.compressed" in out
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {
+        "accuracy_vs_sparsity.png", "accuracy_vs_size.png"}
+
+    # `stillhouse export` rebuilds the file from the checkpoints alone: the same tensors and
+    # header (safetensors may order the header's metadata keys differently from write to write)
+    first = _contents(run_dir / export["file"])
+    (run_dir / export["file"]).unlink()
+    again = run_cli(["export", str(run_dir)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = _contents(run_dir / export["file"])
+    assert first[0] == second[0] and first[1].keys() == second[1].keys()
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    shown = run_cli(["report", str(run_dir)])
+    assert shown.returncode == 0 and "size vs dense" in shown.stdout
+    assert shown.stdout.count("plot: ") == 2
+
+    # bad input: a run dir that is not one, and a damaged compressed file
+    missing = run_cli(["report", str(tmp_path / "nowhere")])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    broken = run_cli(["export", str(tmp_path)])
+    assert broken.returncode == 2 and "not a finished run dir" in broken.stderr
+
+
+def test_structured_binary_lenet5_exports_fewer_channels_and_one_bit_weights(
+    tmp_path, digits_teacher
+):
+    spec = digits_spec(1, group="compress", name="binary", teacher=digits_teacher)
+    spec["student"] = {"model": {"kind": "lenet5", "padding": 2}, "epochs": 6, "lr": 0.002,
+                       "batch_size": 32}
+    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 2,
+                       "schedule": {"kind": "oneshot"}, "granularity": "channel", "norm": "l2", "scope": "layer"}
+    spec["quantization"] = {"method": "binary", "finetune_epochs": 3}
+    spec["wandb"] = {"mode": "disabled"}
+    report, out, run_dir = _job(tmp_path, spec)
+
+    model, meta = _reload(run_dir, report)
+    widths = meta["architecture"]["widths"]
+    full = LeNet5((1, 8, 8), 10, padding=2)
+    assert widths == [10, 25, 250]  # each layer keeps half its channels
+    assert report["export"]["params"] < 0.7 * count_params(full)
+    assert report["export"]["dense_params"] == count_params(full)
+    assert report["stages"][2]["name"] == "pruned (channels removed)"
+    # middle layers are binary: 1 bit per weight plus one fp32 scale per output channel
+    layout = meta["layout"]
+    with safe_open(str(run_dir / report["export"]["file"]), framework="pt") as f:
+        for name in ("features.2.weight", "classifier.0.weight"):
+            assert layout[name]["kind"] == "binary"
+            n = math.prod(layout[name]["shape"])
+            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                         for k in f.keys() if k.startswith(name + ":"))
+            assert stored == math.ceil(n / 8) + 4 * layout[name]["shape"][0], name
+        assert layout["features.0.weight"]["kind"] == "int8"  # first and last layers stay int8
+        assert layout["classifier.2.weight"]["kind"] == "int8"
+    weights = dict(model.named_modules())
+    assert weights["features.2"].weight.shape[0] == widths[1]
+    # a binarized, half-width LeNet-5 still classifies digits
+    assert report["export"]["accuracy"] > 0.8
+    binarized = model.features[2].weight.detach().reshape(widths[1], -1).abs()
+    assert torch.allclose(binarized, binarized[:, :1].expand_as(binarized))
+    assert "compressed (50% channel pruned, binary)" in out

@@ -1,0 +1,179 @@
+"""The compressed model file: compact tensors in safetensors, a manifest, and a loader.
+
+One `.safetensors` file holds everything needed to run the model:
+
+* tensors named `<parameter>:<part>`, written by `trainers.codec.encode`: values (fp32, int8
+  codes, or 1-/2-bit codes packed into bytes), per-channel scales, and for sparse tensors the
+  positions of the kept weights (a bitmap or Deep Compression's 8-bit relative indices);
+* for static int8 models, `__act__:<observer>` activation ranges;
+* string metadata (safetensors' header): `format`, `architecture` (what
+  `trainers.models.build_from_architecture` rebuilds), `layout` (per-tensor codec info),
+  `runtime` (`fp32`, `int8_dynamic`, `int8_static`) and `manifest` (method, sparsity, bits,
+  accuracy, size, spec hash).
+
+Loading reads tensors and JSON only: nothing is unpickled and no code from the file runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainers import codec
+from trainers.models import build_from_architecture
+
+FORMAT = "stillhouse.compressed/1"
+RUNTIMES = ("fp32", "int8_dynamic", "int8_static")
+
+
+class ExportFormatError(ValueError):
+    """The file is not a stillhouse compressed model, or it is damaged."""
+
+
+def write_compressed(
+    path: Path, *, arch: dict, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+    kinds: dict[str, str], runtime: str, manifest: dict,
+    act_ranges: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """Write the model; returns the layout (per-tensor codec info, with byte counts).
+
+    `state` holds fp32 weights; `kinds` maps parameter names to codec kinds (others are fp32);
+    `masks` marks the kept weights of sparse tensors (True = kept).
+    """
+    from safetensors.torch import save_file
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {RUNTIMES}")
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
+    for name, w in state.items():
+        parts, info = codec.encode(w.float(), kinds.get(name, "fp32"), masks.get(name))
+        for part, t in parts.items():
+            tensors[f"{name}:{part}"] = t.contiguous()
+        layout[name] = info
+    for name, r in (act_ranges or {}).items():
+        tensors[f"__act__:{name}"] = r.float().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "architecture": json.dumps(arch),
+        "layout": json.dumps(layout),
+        "runtime": runtime,
+        "manifest": json.dumps(manifest),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # a reader never sees half a file
+    return layout
+
+
+def read_compressed(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(metadata with JSON fields parsed, decoded fp32 state dict, activation ranges, layout)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportFormatError(f"no such file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportFormatError(f"{path} is not a safetensors file: {err}") from err
+    if raw.get("format") != FORMAT:
+        raise ExportFormatError(
+            f"{path} is not a stillhouse compressed model (format {raw.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    try:
+        meta = {
+            "architecture": json.loads(raw["architecture"]),
+            "layout": json.loads(raw["layout"]),
+            "manifest": json.loads(raw["manifest"]),
+            "runtime": raw["runtime"],
+        }
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ExportFormatError(f"{path}: damaged header ({err})") from err
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    ranges = {}
+    for key, t in tensors.items():
+        name, _, part = key.rpartition(":")
+        if name == "__act__":
+            ranges[part] = t
+        else:
+            grouped.setdefault(name, {})[part] = t
+    state = {}
+    for name, info in meta["layout"].items():
+        try:
+            state[name] = codec.decode(grouped.get(name, {}), info)
+        except Exception as err:  # a truncated or edited tensor: say which
+            raise ExportFormatError(f"{path}: cannot decode {name}: {err}") from err
+    return meta, state, ranges, meta["layout"]
+
+
+def load_compressed(path: Path) -> tuple[nn.Module, dict]:
+    """A runnable model (eval mode) and the file's metadata."""
+    from trainers.quantize import dynamic_int8, static_int8
+
+    meta, state, ranges, _ = read_compressed(path)
+    model = build_from_architecture(meta["architecture"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ExportFormatError(f"{path}: tensors do not fit the architecture: {err}") from err
+    model.eval()
+    runtime = meta["runtime"]
+    if runtime == "int8_dynamic":
+        model = dynamic_int8(model)
+    elif runtime == "int8_static":
+        model = static_int8(model, ranges, tuple(meta["architecture"]["image_shape"]))
+    elif runtime != "fp32":
+        raise ExportFormatError(f"{path}: unknown runtime {runtime!r}")
+    return model, meta
+
+
+def dense_file(path: Path, state: dict[str, torch.Tensor]) -> int:
+    """Write a plain fp32 safetensors state dict (the baseline a compressed file is compared
+    with); returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(path))
+    return path.stat().st_size
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x, y, batch: int = 1024) -> tuple[float, torch.Tensor]:
+    """(test accuracy, predicted classes) of an eval-mode model on numpy arrays."""
+    preds = []
+    for i in range(0, len(x), batch):
+        preds.append(model(torch.from_numpy(x[i : i + batch]).float()).float().argmax(-1))
+    pred = torch.cat(preds)
+    return float((pred == torch.from_numpy(y)).float().mean()), pred
+
+
+@torch.no_grad()
+def latency_ms(
+    model: nn.Module, image_shape: tuple[int, ...], batch: int, *, threads: int = 1,
+    min_seconds: float = 0.3, max_runs: int = 200,
+) -> float:
+    """Median wall time of one forward pass at `batch`, in milliseconds, on `threads` threads."""
+    x = torch.randn(batch, *image_shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):  # warm-up: first calls pick kernels and allocate
+            model(x)
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - started < min_seconds):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+        return 1000.0 * statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
