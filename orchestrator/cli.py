@@ -64,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.job import JobError, RunDirError, run_job
     from trainers.checkpoint import CheckpointError
     from trainers.data import DataError
+    from trainers.features import FeatureSpecError
     from trainers.teacher_server import TeacherLoadError
 
     try:
@@ -74,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, address=args.address)
         else:
             run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
-    except (DataError, TeacherLoadError, CheckpointError, RunDirError, ClusterResourceError) as err:
+    except (DataError, TeacherLoadError, CheckpointError, RunDirError, ClusterResourceError,
+            FeatureSpecError) as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except JobError as err:

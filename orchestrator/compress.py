@@ -46,15 +46,18 @@ def compress_and_export(
     phases = student_phases(spec)
     for p in phases:  # a damaged or half-written checkpoint stops here, named
         checkpoint.verify(root / p.name)
-    dense_dir, final = root / phases[0].name, phases[-1]
-    state = load_file(str(root / final.name / "model.safetensors"))
-    masks = {k: v.bool() for k, v in load_file(str(root / final.name / "masks.safetensors")).items()}
     full_arch = architecture(spec.student.model, data.image_shape, data.num_classes)
-    arch = full_arch
     structured = spec.pruning.enabled and spec.pruning.granularity == "channel"
-    if structured:  # cut dead channels out: the rest is dense
-        arch, state = shrink(full_arch, state, masks, build_from_architecture(full_arch))
-        masks = {}
+
+    def phase_state(name: str) -> tuple[dict, dict, dict]:
+        """(architecture, fp32 state, masks) after a phase; structured pruning's dead channels
+        are cut out, and what is left is dense."""
+        state = load_file(str(root / name / "model.safetensors"))
+        masks = {k: v.bool() for k, v in load_file(str(root / name / "masks.safetensors")).items()}
+        if structured:
+            arch, state = shrink(full_arch, state, masks, build_from_architecture(full_arch))
+            return arch, state, {}
+        return full_arch, state, masks
 
     def model_of(arch_, state_):
         m = build_from_architecture(arch_)
@@ -69,8 +72,8 @@ def compress_and_export(
         return {f"batch_{b}": latency_ms(model, image_shape, b, threads=lat.latency_threads)
                 for b in lat.latency_batches}
 
+    dense_dir = root / phases[0].name
     dense_model = model_of(full_arch, load_file(str(dense_dir / "model.safetensors")))
-    pruned_model = model_of(arch, state)
     dense_bytes = (dense_dir / "model.safetensors").stat().st_size
     stages = [
         {"name": "teacher", "accuracy": teacher["accuracy"], "file_bytes": teacher.get("file_bytes"),
@@ -80,35 +83,42 @@ def compress_and_export(
          "file_bytes": dense_bytes, "params": count_params(dense_model),
          "nonzero_params": count_params(dense_model), "bits": 32, "latency_ms": timings(dense_model)},
     ]
+    # the student as pruning left it: before any quantized fine-tuning
+    trained_quantized = spec.quantization.trains
+    before_q = phases[-2] if trained_quantized else phases[-1]
+    arch, pruned_state, pruned_masks = phase_state(before_q.name)
+    pruned_model = model_of(arch, pruned_state)
     if spec.pruning.enabled:
         stages.append({
             "name": "pruned (channels removed)" if structured else "pruned (fp32, zeros stored)",
             "accuracy": accuracy(pruned_model, data.x_test, data.y_test)[0],
-            "file_bytes": len(save({k: v.contiguous() for k, v in state.items()})),
+            "file_bytes": len(save({k: v.contiguous() for k, v in pruned_state.items()})),
             "params": count_params(pruned_model),
-            "nonzero_params": _nonzero(state), "bits": 32,
+            "nonzero_params": _nonzero(pruned_state), "bits": 32,
             "latency_ms": timings(pruned_model),
         })
 
     kinds = layer_kinds(pruned_model, method)
     calibration = torch.from_numpy(data.x_train[: spec.quantization.calibration_samples]).float()
-    if spec.quantization.trains and len(phases) > 1:
-        # what post-training quantization of the weights before QAT / binarization gives
-        before = load_file(str(root / phases[-2].name / "model.safetensors"))
-        before_masks = {k: v.bool() for k, v in
-                        load_file(str(root / phases[-2].name / "masks.safetensors")).items()}
-        if structured:
-            _, before = shrink(full_arch, before, before_masks, build_from_architecture(full_arch))
-            before_masks = {}
-        ptq_kinds = layer_kinds(pruned_model, method if method != "qat" else "dynamic")
-        ptq = dynamic_int8(model_of(arch, quantize_state(before, ptq_kinds, before_masks)))
-        stages.append({
-            "name": f"post-training {method if method != 'qat' else 'int8'} (no fine-tuning)",
-            "accuracy": accuracy(ptq, data.x_test, data.y_test)[0], "file_bytes": None,
-            "params": count_params(pruned_model), "nonzero_params": _nonzero(before),
-            "bits": BITS[_main_kind(ptq_kinds)],
-        })
+    if trained_quantized:
+        # QAT is compared with both post-training int8 methods, binary / ternary with the same
+        # codes applied without fine-tuning
+        for ptq_method in (("dynamic", "static") if method == "qat" else (method,)):
+            ptq_kinds = layer_kinds(pruned_model, ptq_method)
+            ptq_float = model_of(arch, quantize_state(pruned_state, ptq_kinds, pruned_masks))
+            if ptq_method == "static":
+                ptq = static_int8(ptq_float, calibrate_static(ptq_float, calibration), image_shape)
+            else:
+                ptq = dynamic_int8(ptq_float)
+            label = {"dynamic": "int8 dynamic", "static": "int8 static"}.get(ptq_method, ptq_method)
+            stages.append({
+                "name": f"post-training {label} (no fine-tuning)",
+                "accuracy": accuracy(ptq, data.x_test, data.y_test)[0], "file_bytes": None,
+                "params": count_params(pruned_model), "nonzero_params": _nonzero(pruned_state),
+                "bits": BITS[_main_kind(ptq_kinds)],
+            })
 
+    arch, state, masks = phase_state(phases[-1].name)
     q_state = quantize_state(state, kinds, masks)
     q_float = model_of(arch, q_state)
     ranges = None

@@ -51,6 +51,10 @@ def run_job(
     if address is None:
         check_cpus(spec, os.cpu_count() or 1, "this machine")
     data = load_dataset(spec.data, data_dir, spec.seed)
+    if getattr(spec.distillation, "features", None):  # module names exist, shapes can match
+        from trainers.features import check_feature_spec
+
+        check_feature_spec(spec, data.image_shape, data.num_classes)
     given_teacher = None  # (file bytes, model) of a teacher the spec names a file for
     teacher_file = _teacher_file(spec)
     if teacher_file is not None:  # a bad teacher file fails here, not inside a replica

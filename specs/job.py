@@ -118,12 +118,25 @@ class StudentSpec(Strict):
 # ------------------------------------------------------------------------------- distillation
 
 
+class FeatureMap(Strict):
+    """One intermediate-layer pair for feature distillation (see trainers/features.py)."""
+
+    student: str = Field(min_length=1, description="student module, as in `named_modules()`")
+    teacher: str = Field(min_length=1, description="teacher module whose output it learns")
+    weight: float = Field(1.0, gt=0.0, description="weight of this pair's MSE in the loss")
+
+
 class HintonKD(Strict):
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), plus
+    sum(weight * MSE(projection(student feature), teacher feature)) over `features`."""
 
     kind: Literal["hinton"]
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
+    features: list[FeatureMap] = Field(
+        default_factory=list, description="intermediate layers to distil (needs `logits.mode: "
+        "online` and a registry teacher: `train` or `checkpoint`)"
+    )
 
 
 DistillationSpec = Annotated[Union[HintonKD], Field(discriminator="kind")]
@@ -424,6 +437,17 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
+        if getattr(self.distillation, "features", None):
+            if isinstance(self.teacher, ExportedTeacher):
+                raise ValueError(
+                    "`distillation.features` needs the teacher's modules by name: use a `train` "
+                    "or `checkpoint` teacher, not `exported`"
+                )
+            if self.logits.mode != "online":
+                raise ValueError(
+                    "`distillation.features` needs the teacher pool every step: set "
+                    "`logits.mode: online` (the logit cache holds logits only)"
+                )
         if isinstance(self.data, DigitsData):
             for section, spec in (("teacher", self.teacher), ("student", self.student)):
                 model = getattr(spec, "model", None)

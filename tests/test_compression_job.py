@@ -130,3 +130,47 @@ def test_structured_binary_lenet5_exports_fewer_channels_and_one_bit_weights(
     binarized = model.features[2].weight.detach().reshape(widths[1], -1).abs()
     assert torch.allclose(binarized, binarized[:, :1].expand_as(binarized))
     assert "compressed (50% channel pruned, binary)" in out
+
+
+def test_feature_distillation_with_ternary_weights(tmp_path, digits_teacher):
+    from wandb_records import history_rows, read_records, run_info
+
+    spec = digits_spec(1, group="compress", name="features", teacher=digits_teacher)
+    spec["student"] = {"model": {"kind": "mlp", "hidden": [64, 32]}, "epochs": 8, "lr": 0.005,
+                       "batch_size": 32}
+    # the student's first hidden layer (64 wide) learns the teacher's second (128 wide) through
+    # a learned 64 -> 128 projection
+    spec["distillation"] = {"kind": "hinton", "temperature": 4.0, "alpha": 0.7, "features": [
+        {"student": "net.1", "teacher": "net.3", "weight": 0.5}]}
+    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 1,
+                       "schedule": {"kind": "oneshot"}}
+    spec["quantization"] = {"method": "ternary", "finetune_epochs": 3}
+    spec["wandb"] = {"mode": "offline", "project": "stillhouse", "group": "features"}
+    spec["wandb"]["log_every_steps"] = 5
+    report, out, run_dir = _job(tmp_path, spec)
+
+    (path,) = [p for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+               if run_info(read_records(p))["job_type"] == "student-workers"]
+    feature = [r["train/feature"] for r in history_rows(read_records(path)) if "train/feature" in r]
+    assert len(feature) >= 10 and all(f > 0 for f in feature)
+    assert sum(feature[-3:]) < 0.8 * sum(feature[:3])  # the feature term is learned
+    # the projection is trained and checkpointed with the student, but not part of it
+    ckpt = run_dir / "checkpoints" / "student-00-dense"
+    with safe_open(str(ckpt / "kd_proj.safetensors"), framework="pt") as f:
+        assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == {
+            "kd_proj.0.weight": (128, 64), "kd_proj.0.bias": (128,)}
+    model, meta = _reload(run_dir, report)
+    assert not any(k.startswith("kd_proj") for k in meta["layout"])
+    assert report["export"]["accuracy"] > 0.8
+
+    # ternary middle layer: 2 bits per kept weight, one magnitude per output channel
+    info = meta["layout"]["net.2.weight"]
+    assert info["kind"] == "ternary" and info["sparse"]
+    with safe_open(str(run_dir / report["export"]["file"]), framework="pt") as f:
+        values = [f.get_tensor(k) for k in f.keys() if k == "net.2.weight:values"]
+    assert values and values[0].numel() == math.ceil(info["nnz"] / 4)
+    ternary = model.net[2].weight().dequantize()
+    for row in ternary:
+        live = row[row != 0].abs()
+        assert torch.allclose(live, live[:1].expand_as(live), rtol=1e-5)
+    assert "post-training ternary (no fine-tuning)" in out

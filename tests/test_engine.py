@@ -75,3 +75,65 @@ def test_nonfinite_losses_are_skipped_then_fail():
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps"):
         engine.train_step(x, y, bad, 2.0, 0.5)
     assert all(torch.isfinite(p).all() for p in engine.full_fp32_weights().values())
+
+
+def _spec(precision: str, zero_stage: int, **extra):
+    return parse_spec({
+        "name": "engine", "data": {"kind": "digits"},
+        "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [48, 40]}},
+        "student": {"model": {"kind": "mlp", "hidden": [32, 16]}},
+        "precision": precision, "deepspeed": {"zero_stage": zero_stage}, **extra,
+    })
+
+
+def test_feature_kd_trains_the_projection_and_leaves_it_unpruned():
+    from trainers.features import KD_PREFIX, build_projections, check_feature_spec
+
+    spec = _spec("bf16", 1, distillation={"kind": "hinton", "features": [
+        {"student": "net.2", "teacher": "net.2", "weight": 2.0}]})
+    s_shapes, t_shapes = check_feature_spec(spec, (1, 8, 8), 10)
+    assert (s_shapes, t_shapes) == ([(16,)], [(40,)])
+    torch.manual_seed(0)
+    model = MLP(64, [32, 16], 10)
+    model.add_module(KD_PREFIX, build_projections(s_shapes, t_shapes))
+    engine = DistillEngine(model, spec, lr=0.02, micro_batch=16, weight_decay=0.0, grad_clip=1.0,
+                           world_size=1, teacher_feature_shapes=t_shapes)
+    assert not any(n.startswith(KD_PREFIX) for n in engine.prunable)
+    torch.manual_seed(1)
+    x, y, t = _batch()
+    target = torch.randn(16, 40)  # fixed teacher features for this batch
+    proj_before = engine.module.kd_proj[0].weight.detach().float().clone()
+    first = engine.train_step(x, y, t, 2.0, 0.5, [target])
+    for _ in range(30):
+        last = engine.train_step(x, y, t, 2.0, 0.5, [target])
+    assert last["feature"] < 0.8 * first["feature"]  # the feature term is optimised
+    assert last["loss"] > last["feature"] > 0  # and added to the logit KD loss
+    assert not torch.equal(engine.module.kd_proj[0].weight.detach().float(), proj_before)
+    engine.prune_to(0.5)
+    assert engine.module.kd_proj[0].weight.count_nonzero() == 40 * 16  # projections unpruned
+
+
+def test_binary_fake_quant_training_keeps_masks_and_learns():
+    from trainers.quantize import enable_fake_quant, layer_kinds
+
+    spec = _spec("bf16", 1)
+    torch.manual_seed(0)
+    engine = DistillEngine(MLP(64, [32, 16], 10), spec, lr=0.02, micro_batch=16,
+                           weight_decay=0.0, grad_clip=1.0, world_size=1)
+    engine.prune_to(0.5)
+    enable_fake_quant(engine.module, layer_kinds(engine.module, "binary"), engine.masks)
+    torch.manual_seed(2)
+    x, y, t = _batch()
+    first = engine.train_step(x, y, t, 2.0, 0.5)
+    for _ in range(30):
+        last = engine.train_step(x, y, t, 2.0, 0.5)
+    assert last["loss"] < 0.7 * first["loss"]
+    assert engine.masked_nonzero() == (0, 0)
+    # the middle layer computes with +-scale per row on its kept weights, zero elsewhere
+    w = engine.module.net[2]
+    from trainers.codec import fake_quantize
+
+    q = fake_quantize(w.weight.detach(), "binary", engine.masks["net.2.weight"]).float()
+    assert torch.equal(q == 0, ~engine.masks["net.2.weight"])
+    rows = [r[r != 0].abs() for r in q]
+    assert all(torch.allclose(r, r[:1].expand_as(r)) for r in rows if len(r))

@@ -24,6 +24,7 @@ from torch import nn
 
 from specs.job import JobSpec
 from trainers.engine_config import deepspeed_config
+from trainers.features import FeatureTap, feature_loss
 from trainers.kd_loss import kd_loss
 from trainers.pruning import GlobalMagnitudePruner, apply_masks_, prunable_parameters
 
@@ -52,7 +53,10 @@ class DistillEngine:
     def __init__(
         self, model: nn.Module, spec: JobSpec, *, lr: float, micro_batch: int,
         weight_decay: float, grad_clip: float, world_size: int,
+        teacher_feature_shapes: list[tuple] | None = None,
     ):
+        """With feature KD the model carries its projections under `kd_proj` already, and
+        `teacher_feature_shapes` are the shapes of the teacher features that arrive per step."""
         import deepspeed  # heavy; imported only inside workers
 
         self.spec = spec
@@ -70,6 +74,10 @@ class DistillEngine:
         self.nonfinite_steps = 0
         self._hooks_installed = False
         self._unfused_masters = _unfused_master_copies(self.optimizer)
+        pairs = getattr(spec.distillation, "features", []) if teacher_feature_shapes else []
+        self.teacher_feature_shapes = list(teacher_feature_shapes or [])
+        self.feature_weights = [p.weight for p in pairs]
+        self.tap = FeatureTap(self.module, [p.student for p in pairs]) if pairs else None
 
     def _master_fragment(self, param: torch.Tensor):
         """(fp32 master fragment, start, numel) held by this rank, or None if `param` is its own
@@ -91,7 +99,7 @@ class DistillEngine:
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
-        temperature: float, alpha: float,
+        temperature: float, alpha: float, teacher_features: list[torch.Tensor] | None = None,
     ) -> dict[str, float] | None:
         """One optimizer step; returns the loss parts, or None when the step was skipped.
 
@@ -105,6 +113,13 @@ class DistillEngine:
             parts = {"ce": loss.detach()}
         else:
             loss, parts = kd_loss(out, teacher_logits, y, temperature, alpha)
+        if self.tap is not None:
+            student_features = self.tap.take()
+            if teacher_features is not None:
+                feat, parts["feature"] = feature_loss(
+                    student_features, teacher_features, self.module.kd_proj, self.feature_weights
+                )
+                loss = loss + feat
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -128,6 +143,8 @@ class DistillEngine:
             return self.module(x.to(self.dtype)).float()
         finally:
             self.module.train()
+            if self.tap is not None:
+                self.tap.take()  # drop the features the evaluation captured
 
     # -------------------------------------------------------------------------------- pruning
 

@@ -59,8 +59,11 @@ def prunable_parameters(model: nn.Module, spec: PruningSpec) -> dict[str, nn.Par
     `spec.layers` names modules as `model.named_modules()` does; an unknown name is an error,
     not a silently unpruned layer.
     """
+    from trainers.features import is_projection  # feature-KD projections are never pruned
+
     modules = {
-        name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        name: m for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not is_projection(name)
     }
     if spec.layers != "all":
         unknown = sorted(set(spec.layers) - set(modules))
@@ -73,7 +76,8 @@ def prunable_parameters(model: nn.Module, spec: PruningSpec) -> dict[str, nn.Par
     params: dict[str, nn.Parameter] = {}
     if spec.granularity == "channel":  # a pruned channel also zeroes its bias and its readers
         modules = {
-            name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_projection(name)
         }
         for name, module in modules.items():
             params[f"{name}.weight"] = module.weight

@@ -39,7 +39,10 @@ def layer_kinds(model: nn.Module, method: str) -> dict[str, str]:
     Binary and ternary networks keep their first and last layers at int8, as in XNOR-Net and
     Ternary Weight Networks: those layers are small and carry most of the accuracy loss.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+    from trainers.features import is_projection  # feature-KD projections stay fp32
+
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, QUANT_LAYERS) and not is_projection(n)]
     if method == "none":
         return {}
     if method in ("dynamic", "static", "qat"):

@@ -33,7 +33,10 @@ class ChannelGroup:
 
 def channel_groups(model: nn.Module, layers: list[str] | None = None) -> list[ChannelGroup]:
     """Every prunable channel group of a sequential Conv/Linear model, in forward order."""
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    from trainers.features import is_projection
+
+    convs = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_projection(n)]
     groups = []
     for (name, layer), (next_name, nxt) in zip(convs, convs[1:]):
         if layers is not None and name not in layers:

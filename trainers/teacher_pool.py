@@ -29,9 +29,14 @@ class PoolStartError(RuntimeError):
     """The replicas could not be placed or failed to load the teacher."""
 
 
-def teacher_fingerprint(blob: bytes, precision: str) -> str:
-    """What a replica serves: the teacher file's bytes and the precision."""
-    return hashlib.sha256(blob).hexdigest()[:16] + f"-{precision}"
+def teacher_fingerprint(blob: bytes, precision: str, features: list[str] = ()) -> str:
+    """What a replica serves: the teacher file's bytes, the precision and the features."""
+    extra = "-" + ",".join(features) if features else ""
+    return hashlib.sha256(blob).hexdigest()[:16] + f"-{precision}{extra}"
+
+
+def feature_layers(spec: JobSpec) -> list[str]:
+    return [f.teacher for f in getattr(spec.distillation, "features", [])]
 
 
 class TeacherReplica:
@@ -47,8 +52,8 @@ class TeacherReplica:
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
-        self.server = TeacherServer(model, spec.precision)
-        self.fingerprint = teacher_fingerprint(blob, spec.precision)
+        self.server = TeacherServer(model, spec.precision, feature_layers(spec))
+        self.fingerprint = teacher_fingerprint(blob, spec.precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
                                       spec.resources.teacher_max_wait_ms / 1000.0)
         self.served = 0
@@ -139,8 +144,12 @@ class TeacherPool:
     holds its constructor's teacher object); the pool's clients fail over to the others.
     """
 
-    def __init__(self, replicas: list, spec: JobSpec, blob_ref=None, shared: bool = False):
+    def __init__(
+        self, replicas: list, spec: JobSpec, blob_ref=None, shared: bool = False,
+        num_classes: int | None = None,
+    ):
         self.replicas = replicas
+        self.num_classes = num_classes
         self.spec = spec
         self.shared = shared
         # Held for the pool's lifetime: a restarted replica reads its constructor arguments
@@ -163,7 +172,7 @@ class TeacherPool:
             }
             replicas.append(replica_cls.options(**options).remote(
                 spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes))
-        pool = cls(replicas, spec, blob_ref, shared=bool(name))
+        pool = cls(replicas, spec, blob_ref, shared=bool(name), num_classes=num_classes)
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
             [r.stats.remote() for r in replicas], num_returns=len(replicas), timeout=timeout
@@ -180,7 +189,7 @@ class TeacherPool:
         except ray.exceptions.RayActorError as err:
             pool.shutdown(force=True)
             raise PoolStartError(f"a teacher replica failed to start: {err}") from None
-        wanted = teacher_fingerprint(blob, spec.precision)
+        wanted = teacher_fingerprint(blob, spec.precision, feature_layers(spec))
         if any(s["fingerprint"] != wanted for s in stats):
             pool.replicas = []  # they belong to the jobs that made them
             raise PoolStartError(
@@ -195,7 +204,8 @@ class TeacherPool:
     def predict(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Teacher logits for a whole array, through the pool: (N, ...) -> (N, num_classes)."""
         batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-        return np.concatenate(list(self.client().stream(batches)))
+        rows = np.concatenate(list(self.client().stream(batches)))
+        return rows[:, : self.num_classes]  # without the features that may follow the logits
 
     def stats(self) -> list[dict]:
         return ray.get([r.stats.remote() for r in self.replicas])

@@ -58,17 +58,26 @@ def load_teacher(
 
 
 class TeacherServer:
-    """Holds the teacher in inference mode and turns input batches into logits."""
+    """Holds the teacher in inference mode and turns input batches into logits.
 
-    def __init__(self, model: nn.Module, precision: str):
+    With `feature_layers` each answer row also carries those modules' outputs, flattened, after
+    the logits (the wire format of trainers/features.py).
+    """
+
+    def __init__(self, model: nn.Module, precision: str, feature_layers: list[str] | None = None):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.autocast = precision == "bf16"
+        self.tap = None
+        if feature_layers:
+            from trainers.features import FeatureTap
+
+            self.tap = FeatureTap(self.model, list(feature_layers))
 
     @torch.inference_mode()
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """(B, C, H, W) float32 -> (B, num_classes) float32."""
+        """(B, C, H, W) float32 -> (B, num_classes [+ feature sizes]) float32."""
         with warnings.catch_warnings():
             # arrays from Ray's object store are read-only, zero-copy views; the model only
             # reads its input, so sharing the buffer is safe and saves a copy per batch
@@ -76,6 +85,9 @@ class TeacherServer:
             inputs = torch.from_numpy(np.ascontiguousarray(x))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(inputs)
+        if self.tap is not None:
+            parts = [out, *(f.flatten(1) for f in self.tap.take())]
+            out = torch.cat([t.float() for t in parts], dim=1)
         return out.float().numpy()
 
 

@@ -28,8 +28,11 @@ from specs.job import JobSpec
 from trainers import checkpoint
 from trainers.data import Dataset, epoch_shard, load_dataset
 from trainers.engine import DistillEngine, set_distributed_env
+from trainers.features import (
+    KD_PREFIX, build_projections, check_feature_spec, split_teacher_output, student_only,
+)
 from trainers.logit_cache import LogitCache
-from trainers.models import build_model, count_params
+from trainers.models import build_model
 from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
 from trainers.pruning import mask_digest, sparsity_stats
 from trainers.teacher_pool import TeacherPoolClient
@@ -62,10 +65,14 @@ def train_worker(config: dict) -> None:
     data = load_dataset(spec.data, req.data_dir, spec.seed)
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
     model = build_model(section.model, data.image_shape, data.num_classes)
+    teacher_shapes = None
+    if student and getattr(spec.distillation, "features", None):  # projections train with it
+        student_shapes, teacher_shapes = check_feature_spec(spec, data.image_shape, data.num_classes)
+        model.add_module(KD_PREFIX, build_projections(student_shapes, teacher_shapes))
     engine = DistillEngine(
         model, spec, lr=section.lr, micro_batch=section.batch_size,
         weight_decay=section.weight_decay, grad_clip=getattr(section, "grad_clip", 0.0),
-        world_size=world,
+        world_size=world, teacher_feature_shapes=teacher_shapes,
     )
 
     root = Path(req.run_dir) / "checkpoints"
@@ -112,6 +119,8 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
         engine.load_deepspeed(str(folder / "deepspeed"), tag=name)
     else:  # ZeRO partitions do not fit another world size: weights only, fresh optimizer state
         weights = load_file(str(folder / "model.safetensors"))
+        if (folder / "kd_proj.safetensors").exists():
+            weights.update(load_file(str(folder / "kd_proj.safetensors")))
         engine.module.load_state_dict({k: v.to(engine.dtype) for k, v in weights.items()})
         _print0(f"[resume] {name} was written by {meta['world_size']} workers, now {world}: "
                 "loading weights only (optimizer state starts fresh)")
@@ -152,16 +161,22 @@ def _run_phase(
             teacher = (cache.logits(idx) for idx in batches)
         elif client is not None:  # online: requests in flight ahead of the steps
             teacher = client.stream(data.x_train[idx] for idx in batches)
+            if engine.teacher_feature_shapes:  # each row: logits, then the features
+                teacher = (split_teacher_output(rows, data.num_classes, engine.teacher_feature_shapes)
+                           for rows in teacher)
         else:  # the teacher itself is training
             teacher = repeat(None)
         epoch_losses = []
         for idx, t_logits in zip(batches, teacher):
             lr = cosine_lr(step_in_phase, total_steps, base_lr)
             engine.set_lr(lr)
+            t_features = None
+            if isinstance(t_logits, tuple):
+                t_logits, t_features = t_logits[0], [torch.from_numpy(np.array(f)) for f in t_logits[1]]
             parts = engine.train_step(
                 torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
                 None if t_logits is None else torch.from_numpy(np.array(t_logits)),
-                temperature, alpha,
+                temperature, alpha, t_features,
             )
             step_in_phase += 1
             global_step += 1
@@ -187,7 +202,8 @@ def _run_phase(
     wall = time.perf_counter() - started
 
     accuracy = _evaluate(engine, data, rank, world)
-    weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
+    all_weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
+    weights = student_only(all_weights)  # without feature-KD projections
     prunable = {n: weights[n] for n in engine.prunable}
     per_layer, prunable_nonzero, prunable_total = sparsity_stats(prunable)
     _, model_nonzero, model_total = sparsity_stats(weights)
@@ -208,10 +224,10 @@ def _run_phase(
         "layer_sparsity": per_layer, "global_step": global_step, "steps": step_in_phase,
         "skipped_nonfinite_steps": skipped, "samples_per_s": samples / max(wall, 1e-9),
         "wall_seconds": wall, "world_size": world, "precision": spec.precision,
-        "zero_stage": spec.deepspeed.zero_stage, "params": count_params(engine.module),
+        "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
         "rank_checks": checks,
     }
-    _save(engine, root, phase.name, meta, weights, rank)
+    _save(engine, root, phase.name, meta, all_weights, rank)
     phase_metrics = {"eval/accuracy": accuracy}
     if stage == "student":
         phase_metrics.update({
@@ -255,7 +271,11 @@ def _save(
     engine.save_deepspeed(str(staging / "deepspeed"), tag=name)
     dist.barrier()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"))
+        student = student_only(weights)
+        save_file({k: v.contiguous() for k, v in student.items()}, str(staging / "model.safetensors"))
+        if len(student) < len(weights):  # feature-KD projections, for a weights-only resume
+            save_file({k: v.contiguous() for k, v in weights.items() if k not in student},
+                      str(staging / "kd_proj.safetensors"))
         save_file({k: v.contiguous() for k, v in engine.masks.items()}, str(staging / "masks.safetensors"))
         checkpoint.commit(root, name, meta)
     dist.barrier()
