@@ -14,12 +14,21 @@ What it measures (all on the 10,000-image MNIST test set):
 It checks the Han et al. (2015) result for LeNet-300-100: at least 92 % of the weights removed at
 no more than +0.1 percentage point test error over the dense (distilled) student.
 
-Two stillhouse jobs, each on its own embedded local Ray cluster (`orchestrator.job.run_job`):
+Then the model files: for LeNet-300-100 and for LeNet-5 (distilled from the same teacher, pruned
+by its own schedule), every pruning round's weights are exported as sparse int8 files
+(post-training dynamic int8, trainers/export.py), and the job's own last stage exports the final
+round after `--qat-epochs` of quantization-aware distillation. The best pipeline is the smallest
+file whose test error is at most +0.1 pt over the dense distilled student's; its size reduction
+is compared with the dense fp32 student's file (Deep Compression, Han et al. 2016, reached 40x on
+LeNet-300-100 and 39x on LeNet-5 with pruning, 5-8 bit weight sharing and Huffman coding).
 
-1. `distilled`: trains the teacher, distils the dense student, runs every pruning round;
+Three stillhouse jobs, each on its own embedded local Ray cluster (`orchestrator.job.run_job`):
+
+1. `distilled`: trains the teacher, distils the dense student, runs every pruning round, QAT;
 2. `alone`: the student trained alone (`distillation.alpha: 0`, pruning disabled), with the
    teacher loaded from job 1's checkpoint so it is not trained again (the teacher pool still
-   serves logits, which get zero weight).
+   serves logits, which get zero weight);
+3. `lenet5`: LeNet-5 distilled from job 1's teacher, pruned, QAT (`--skip-lenet5` leaves it out).
 
 Run it from the project root:
 
@@ -48,6 +57,17 @@ With `--json FILE` it writes one JSON object:
     dense_params             parameters of the dense student, biases included (266,610)
     wall_seconds             wall time of this invocation, both jobs together
 
+    compression              per model ("lenet300", "lenet5"):
+                               dense_error       the dense distilled student's test error
+                               dense_file_bytes  its fp32 safetensors file
+                               candidates        one per exported file: stage ("round N int8"
+                                                 or "final qat int8"), sparsity, error,
+                                                 file_bytes, reduction (dense_file_bytes /
+                                                 file_bytes), within_0_1pt (bool)
+                               best              the candidate with the smallest file among those
+                                                 within +0.1 pt, or null
+                               deep_compression  the reduction Han et al. 2016 report (40 / 39)
+
 and, for convenience, `teacher_params`, `han_target` (whether and by which round it was met),
 `config` (the options used) and `run_dirs`.
 """
@@ -70,6 +90,7 @@ TEACHER_HIDDEN = [1200, 1200]
 STUDENT_HIDDEN = [300, 100]
 HAN_SPARSITY = 0.92  # Han et al. (2015): LeNet-300-100 pruned 12x (92 % of the weights)
 HAN_MAX_DELTA_PT = 0.1  # allowed error increase over the dense student, in percentage points
+DEEP_COMPRESSION = {"lenet300": 40.0, "lenet5": 39.0}  # Han et al. 2016, file size reduction
 
 
 # ------------------------------------------------------------------------------------ specs
@@ -119,7 +140,80 @@ def distilled_spec(args: argparse.Namespace) -> dict:
         "finetune_epochs": args.finetune_epochs,
         "schedule": {"kind": "explicit", "sparsities": args.schedule},
     }
+    raw["quantization"] = {"method": "qat", "finetune_epochs": args.qat_epochs}
     return raw
+
+
+def lenet5_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
+    """Job 3: LeNet-5 distilled from job 1's teacher, pruned by its own schedule, then QAT."""
+    raw = _common(args, "bench-mnist-lenet5")
+    raw["teacher"] = {
+        "kind": "checkpoint",
+        "model": {"kind": "mlp", "hidden": TEACHER_HIDDEN},
+        "path": str(teacher_file),
+    }
+    raw["student"] = {"model": {"kind": "lenet5"}, "epochs": args.lenet5_epochs,
+                      "lr": args.student_lr, "batch_size": args.batch_size}
+    raw["distillation"] = {"kind": "hinton", "temperature": args.temperature, "alpha": args.alpha}
+    raw["pruning"] = {
+        "enabled": True,
+        "target_sparsity": args.lenet5_schedule[-1],
+        "rounds": len(args.lenet5_schedule),
+        "finetune_epochs": args.finetune_epochs,
+        "schedule": {"kind": "explicit", "sparsities": args.lenet5_schedule},
+    }
+    raw["quantization"] = {"method": "qat", "finetune_epochs": args.qat_epochs}
+    return raw
+
+
+def file_candidates(report: dict, run_dir: Path, data, key: str) -> dict:
+    """Every pruning round exported as a sparse int8 file, plus the job's own QAT export."""
+    import torch
+    from safetensors.torch import load_file
+
+    from specs import load_spec
+    from trainers.export import accuracy, load_compressed, write_compressed
+    from trainers.models import architecture, build_from_architecture
+    from trainers.plan import student_phases
+    from trainers.quantize import layer_kinds, quantize_state, weight_kinds
+
+    spec = load_spec(run_dir / "spec.yaml")
+    arch = architecture(spec.student.model, data.image_shape, data.num_classes)
+    dense_err = error_of(report["dense_student"]["accuracy"])
+    dense_bytes = report["export"]["dense_file_bytes"]
+    out_dir = run_dir / "round-files"
+    out_dir.mkdir(exist_ok=True)
+    candidates = []
+    for phase in student_phases(spec):
+        if phase.kind != "prune":
+            continue
+        folder = run_dir / "checkpoints" / phase.name
+        state = load_file(str(folder / "model.safetensors"))
+        masks = {k: v.bool() for k, v in load_file(str(folder / "masks.safetensors")).items()}
+        model = build_from_architecture(arch)
+        kinds = layer_kinds(model, "dynamic")
+        path = out_dir / f"{phase.name}-int8.safetensors"
+        write_compressed(path, arch=arch, state=quantize_state(state, kinds, masks), masks=masks,
+                         kinds=weight_kinds(kinds), runtime="int8_dynamic",
+                         manifest={"round": phase.round, "target_sparsity": phase.target_sparsity})
+        loaded, _ = load_compressed(path)
+        with torch.no_grad():
+            acc, _ = accuracy(loaded, data.x_test, data.y_test)
+        candidates.append({"stage": f"round {phase.round} int8", "sparsity": phase.target_sparsity,
+                           "error": error_of(acc), "file_bytes": path.stat().st_size})
+    export = report["export"]
+    candidates.append({"stage": "final qat int8", "sparsity": export["sparsity"],
+                       "error": error_of(export["accuracy"]),
+                       "file_bytes": export["compressed_file_bytes"]})
+    for c in candidates:
+        c["reduction"] = round(dense_bytes / c["file_bytes"], 2)
+        c["within_0_1pt"] = (c["error"] - dense_err) * 100.0 <= HAN_MAX_DELTA_PT + 1e-9
+    within = [c for c in candidates if c["within_0_1pt"]]
+    return {
+        "dense_error": dense_err, "dense_file_bytes": dense_bytes, "candidates": candidates,
+        "best": min(within, key=lambda c: c["file_bytes"]) if within else None,
+        "deep_compression": DEEP_COMPRESSION[key],
+    }
 
 
 def alone_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
@@ -144,7 +238,7 @@ def error_of(accuracy: float) -> float:
 
 
 def summarise(distilled: dict, alone: dict, wall: float, args: argparse.Namespace,
-              run_dirs: dict) -> dict:
+              run_dirs: dict, compression: dict) -> dict:
     dense_err = error_of(distilled["dense_student"]["accuracy"])
     pruned = [
         {
@@ -177,12 +271,16 @@ def summarise(distilled: dict, alone: dict, wall: float, args: argparse.Namespac
         "wall_seconds": round(wall, 1),
         "teacher_params": distilled["teacher"]["params"],
         "han_target": han,
+        "compression": compression,
         "config": {
             "train_limit": args.train_limit,
             "teacher_epochs": args.teacher_epochs,
             "student_epochs": args.student_epochs,
             "finetune_epochs": args.finetune_epochs,
             "schedule": args.schedule,
+            "qat_epochs": args.qat_epochs,
+            "lenet5_epochs": None if args.skip_lenet5 else args.lenet5_epochs,
+            "lenet5_schedule": None if args.skip_lenet5 else args.lenet5_schedule,
             "temperature": args.temperature,
             "alpha": args.alpha,
             "teacher_lr": args.teacher_lr,
@@ -236,6 +334,21 @@ def format_table(result: dict) -> str:
                    f"{dense_params / best['nonzero_params']:.1f}x fewer parameters")
     else:
         out.append(f"{target}: NOT met")
+    for key, label in (("lenet300", "LeNet-300-100"), ("lenet5", "LeNet-5")):
+        c = result["compression"].get(key)
+        if c is None:
+            continue
+        out += ["", f"{label} model files (dense fp32 student: {c['dense_file_bytes']:,} bytes, "
+                f"error {_pct(c['dense_error'])}):"]
+        for cand in c["candidates"]:
+            out.append(f"  {cand['stage']:<18} sparsity {cand['sparsity']:.3f}  error "
+                       f"{_pct(cand['error'])} ({_delta(cand['error'], c['dense_error'])})  "
+                       f"{cand['file_bytes']:>9,} bytes  {cand['reduction']:5.1f}x"
+                       f"{'' if cand['within_0_1pt'] else '  (over +0.1 pt)'}")
+        best = c["best"]
+        out.append(f"  best within +0.1 pt: {best['stage']}, {best['reduction']:.1f}x smaller "
+                   f"(Deep Compression: {c['deep_compression']:.0f}x)" if best else
+                   "  best within +0.1 pt: none")
     out.append(f"wall time: {result['wall_seconds']:.0f} s")
     return "\n".join(out)
 
@@ -279,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=3, help="distilled epochs per round")
     p.add_argument("--schedule", type=_sparsities, default=[0.5, 0.75, 0.85, 0.9, 0.92, 0.95],
                    help="comma-separated sparsity after each pruning round, increasing")
+    p.add_argument("--qat-epochs", type=int, default=2,
+                   help="quantization-aware distillation epochs after the last round")
+    p.add_argument("--lenet5-epochs", type=int, default=8, help="LeNet-5 dense epochs")
+    p.add_argument("--lenet5-schedule", type=_sparsities, default=[0.5, 0.75, 0.85, 0.9, 0.92],
+                   help="LeNet-5's sparsity after each pruning round")
+    p.add_argument("--skip-lenet5", action="store_true", help="leave job 3 out")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
     p.add_argument("--teacher-lr", type=float, default=1e-3)
@@ -297,20 +416,34 @@ def main(argv: list[str] | None = None) -> int:
 
     run_name = args.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     base = Path(args.work_dir).resolve() / run_name
-    run_dirs = {"distilled": str(base / "distilled"), "alone": str(base / "alone")}
+    run_dirs = {"distilled": str(base / "distilled"), "alone": str(base / "alone"),
+                "lenet5": str(base / "lenet5")}
     spec1 = parse_spec(distilled_spec(args), source="bench job 1 (distilled)")  # fail fast
     started = time.perf_counter()
 
-    print(f"[bench] job 1/2: teacher, distilled student, {len(args.schedule)} pruning rounds "
-          f"-> {run_dirs['distilled']}", flush=True)
+    print(f"[bench] job 1/3: teacher, distilled student, {len(args.schedule)} pruning rounds, "
+          f"QAT -> {run_dirs['distilled']}", flush=True)
     distilled = run_job(spec1, data_dir=args.data_dir, run_dir=run_dirs["distilled"])
 
     teacher_file = Path(run_dirs["distilled"]) / "checkpoints" / "teacher" / "model.safetensors"
     spec2 = parse_spec(alone_spec(args, teacher_file), source="bench job 2 (alone)")
-    print(f"[bench] job 2/2: student trained alone -> {run_dirs['alone']}", flush=True)
+    print(f"[bench] job 2/3: student trained alone -> {run_dirs['alone']}", flush=True)
     alone = run_job(spec2, data_dir=args.data_dir, run_dir=run_dirs["alone"])
 
-    result = summarise(distilled, alone, time.perf_counter() - started, args, run_dirs)
+    from trainers.data import load_dataset
+
+    data = load_dataset(spec1.data, args.data_dir, spec1.seed)
+    compression = {"lenet300": file_candidates(distilled, Path(run_dirs["distilled"]), data,
+                                               "lenet300")}
+    if not args.skip_lenet5:
+        spec3 = parse_spec(lenet5_spec(args, teacher_file), source="bench job 3 (lenet5)")
+        print(f"[bench] job 3/3: LeNet-5 distilled, {len(args.lenet5_schedule)} pruning rounds, "
+              f"QAT -> {run_dirs['lenet5']}", flush=True)
+        lenet5 = run_job(spec3, data_dir=args.data_dir, run_dir=run_dirs["lenet5"])
+        compression["lenet5"] = file_candidates(lenet5, Path(run_dirs["lenet5"]), data, "lenet5")
+
+    result = summarise(distilled, alone, time.perf_counter() - started, args, run_dirs,
+                       compression)
     print("\n" + format_table(result), flush=True)
     if args.json:
         out = Path(args.json)

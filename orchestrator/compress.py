@@ -144,7 +144,7 @@ def compress_and_export(
     path = run_path / COMPRESSED_FILE
     layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
                               kinds=weight_kinds(kinds), runtime=runtime, manifest=manifest,
-                              act_ranges=ranges)
+                              act_ranges=ranges, entropy_coding=spec.export.entropy_coding)
     reloaded, _ = load_compressed(path)
     reload_acc, reload_pred = accuracy(reloaded, data.x_test, data.y_test)
     if not torch.equal(pred, reload_pred):
@@ -165,7 +165,8 @@ def compress_and_export(
         "dense_file_bytes": dense_bytes, "compressed_file_bytes": compressed_bytes,
         "size_reduction": dense_bytes / compressed_bytes,
         "reload_matches": True, "latency_ms": exported["latency_ms"],
-        "tensor_bytes": {n: info["bytes"] for n, info in layout.items()},
+        "tensor_bytes": {n: info["stored_bytes"] for n, info in layout.items()},
+        "entropy_coding": spec.export.entropy_coding,
     }
     return {"stages": stages, "export": export}
 

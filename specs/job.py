@@ -296,6 +296,9 @@ class ExportSpec(Strict):
         default_factory=lambda: [1, 256], description="batch sizes the CPU latency is timed at"
     )
     latency_threads: int = Field(1, ge=1, description="torch threads while timing")
+    entropy_coding: bool = Field(
+        True, description="deflate (LZ77 + Huffman) the int8 codes and sparse indices when smaller"
+    )
 
 
 # ---------------------------------------------------------------------- engine and resources

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from specs.job import LeNet5Model, MLPModel
-from trainers.export import ExportFormatError, dense_file, load_compressed, write_compressed
+from trainers.export import (
+    ExportFormatError, dense_file, load_compressed, read_compressed, write_compressed,
+)
 from trainers.models import architecture, build_from_architecture, count_params
 from trainers.pruning import GlobalMagnitudePruner
 from trainers.quantize import (
@@ -73,7 +75,7 @@ def test_binary_weights_take_one_bit_each(tmp_path):
     q_state = quantize_state(model.state_dict(), kinds, {})
     path = tmp_path / "b.safetensors"
     write_compressed(path, arch=arch, state=q_state, masks={}, kinds=weight_kinds(kinds),
-                     runtime="int8_dynamic", manifest={})
+                     runtime="int8_dynamic", manifest={}, entropy_coding=False)
     with safe_open(str(path), framework="pt") as f:
         parts = {k: f.get_tensor(k) for k in f.keys() if k.startswith("net.2.weight:")}
     n = 100 * 300
@@ -160,6 +162,25 @@ def test_structured_pruning_removes_channels_without_changing_outputs(scope):
     # a second round keeps the first round's channels pruned
     masks2, kept2 = channel_masks(masked, groups, 0.7, norm="l2", scope=scope, previous=masks)
     assert all(bool((kept2[n] <= kept[n]).all()) for n in kept)
+
+
+def test_entropy_coding_shrinks_sparse_int8_and_decodes_exactly(tmp_path):
+    arch, model = _mlp(5)
+    state, masks = _pruned_state(model, 0.95)
+    kinds = layer_kinds(model, "dynamic")
+    q_state = quantize_state(state, kinds, masks)
+    sizes, states = {}, {}
+    for entropy in (False, True):
+        path = tmp_path / f"e{entropy}.safetensors"
+        layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
+                                  kinds=weight_kinds(kinds), runtime="int8_dynamic", manifest={},
+                                  entropy_coding=entropy)
+        sizes[entropy] = path.stat().st_size
+        states[entropy] = read_compressed(path)[1]
+    assert layout["net.0.weight"]["deflated"]  # the big layer's codes and gaps deflate
+    assert sizes[True] < 0.9 * sizes[False]
+    assert all(torch.equal(states[True][k], states[False][k]) for k in states[False])
+    assert all(torch.equal(states[True][k], q_state[k]) for k in q_state)
 
 
 def test_bad_files_are_refused_with_a_clear_error(tmp_path):

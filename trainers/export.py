@@ -5,6 +5,10 @@ One `.safetensors` file holds everything needed to run the model:
 * tensors named `<parameter>:<part>`, written by `trainers.codec.encode`: values (fp32, int8
   codes, or 1-/2-bit codes packed into bytes), per-channel scales, and for sparse tensors the
   positions of the kept weights (a bitmap or Deep Compression's 8-bit relative indices);
+* with entropy coding (the default), every int8 / uint8 part that deflate makes smaller is stored
+  as `<parameter>:<part>.z`, its bytes deflate-compressed (LZ77 + Huffman coding, raw zlib
+  stream, as in Deep Compression's last stage); the layout records its dtype and shape, and
+  decompression is bounded by that size;
 * for static int8 models, `__act__:<observer>` activation ranges;
 * string metadata (safetensors' header): `format`, `architecture` (what
   `trainers.models.build_from_architecture` rebuilds), `layout` (per-tensor codec info),
@@ -17,8 +21,10 @@ Loading reads tensors and JSON only: nothing is unpickled and no code from the f
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,10 +41,28 @@ class ExportFormatError(ValueError):
     """The file is not a stillhouse compressed model, or it is damaged."""
 
 
+ENTROPY_MIN_BYTES = 256  # smaller parts are not worth a deflate stream
+
+
+def _deflate(t: torch.Tensor) -> bytes:
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: no header, no checksum
+    return z.compress(t.contiguous().numpy().tobytes()) + z.flush()
+
+
+def _inflate(blob: torch.Tensor, dtype: str, shape: list[int]) -> torch.Tensor:
+    torch_dtype = {"torch.int8": torch.int8, "torch.uint8": torch.uint8}[dtype]
+    expected = math.prod(shape)  # one byte per element for both dtypes
+    z = zlib.decompressobj(-15)
+    raw = z.decompress(blob.numpy().tobytes(), expected)  # never more than the layout says
+    if len(raw) != expected or z.unconsumed_tail or not z.eof:
+        raise ValueError(f"deflated part does not inflate to {expected} bytes")
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+
+
 def write_compressed(
     path: Path, *, arch: dict, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
     kinds: dict[str, str], runtime: str, manifest: dict,
-    act_ranges: dict[str, torch.Tensor] | None = None,
+    act_ranges: dict[str, torch.Tensor] | None = None, entropy_coding: bool = True,
 ) -> dict:
     """Write the model; returns the layout (per-tensor codec info, with byte counts).
 
@@ -53,8 +77,17 @@ def write_compressed(
     layout: dict[str, dict] = {}
     for name, w in state.items():
         parts, info = codec.encode(w.float(), kinds.get(name, "fp32"), masks.get(name))
+        info["deflated"] = {}
         for part, t in parts.items():
+            if entropy_coding and t.dtype in (torch.int8, torch.uint8) and t.numel() >= ENTROPY_MIN_BYTES:
+                packed = _deflate(t)
+                if len(packed) < t.numel():
+                    tensors[f"{name}:{part}.z"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+                    info["deflated"][part] = {"dtype": str(t.dtype), "shape": list(t.shape)}
+                    continue
             tensors[f"{name}:{part}"] = t.contiguous()
+        info["stored_bytes"] = sum(
+            v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(f"{name}:"))
         layout[name] = info
     for name, r in (act_ranges or {}).items():
         tensors[f"__act__:{name}"] = r.float().contiguous()
@@ -110,7 +143,10 @@ def read_compressed(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     state = {}
     for name, info in meta["layout"].items():
         try:
-            state[name] = codec.decode(grouped.get(name, {}), info)
+            parts = dict(grouped.get(name, {}))
+            for part, how in (info.get("deflated") or {}).items():
+                parts[part] = _inflate(parts.pop(part + ".z"), how["dtype"], how["shape"])
+            state[name] = codec.decode(parts, info)
         except Exception as err:  # a truncated or edited tensor: say which
             raise ExportFormatError(f"{path}: cannot decode {name}: {err}") from err
     return meta, state, ranges, meta["layout"]
