@@ -1,0 +1,102 @@
+"""Faults inside a running job (issue 6): a student worker SIGKILLed in the middle of a pruning
+round. Ray Train restarts the worker group (`resources.worker_max_failures`), the new group finds
+the last committed checkpoint itself, and the job ends as if nothing happened: the planned number
+of optimizer steps, the exact target sparsity, pruned weights still zero, and no process left
+behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from test_job_ray import ROOT, STILLHOUSE, _env, _kill_tree, check_pruned_checkpoints, \
+    quick_digits_spec, write_spec
+from trainers.data import epoch_shard
+
+pytestmark = pytest.mark.ray
+
+
+def _workers(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                left.append(p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+    return left
+
+
+def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_teacher):
+    spec = quick_digits_spec("worker-kill", "faults", epochs=4, rounds=3, teacher=digits_teacher)
+    spec["pruning"] = {"target_sparsity": 0.75, "rounds": 3, "finetune_epochs": 3,
+                       "schedule": {"kind": "geometric"}}
+    spec["resources"] = {"teacher_replicas": 1, "teacher_cpus": 0.5, "student_workers": 2,
+                         "student_cpus": 0.5, "worker_max_failures": 1}
+    spec["wandb"] = {"mode": "disabled"}
+    run_dir = tmp_path / "run"
+    round1 = run_dir / "checkpoints" / "student-01-round1" / "COMPLETE.json"
+    round2 = run_dir / "checkpoints" / "student-02-round2" / "COMPLETE.json"
+    log_path = tmp_path / "job.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            STILLHOUSE + ["run", str(write_spec(tmp_path, spec)), "--run-dir", str(run_dir)],
+            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 400
+        while not round1.exists():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 never committed"
+            time.sleep(0.1)
+        # round 2 is training now: kill one worker with SIGKILL, no chance to clean up
+        while killed_at is None:
+            workers = _workers(psutil.Process(proc.pid))
+            if workers:
+                workers[-1].send_signal(signal.SIGKILL)
+                killed_at = time.time()
+            assert time.monotonic() < deadline, "no RayTrainWorker process found"
+        assert proc.wait(timeout=400) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    out = log_path.read_text()
+
+    assert not round2.exists() or round2.stat().st_mtime > killed_at
+    assert json.loads(round2.read_text())["meta"]["world_size"] == 2
+    assert "[resume] continuing after checkpoint student-01-round1" in out  # the new group
+    assert out.count("[student] student-02-round2 done") == 1
+
+    # every phase trained exactly its planned steps, counted without gaps across the restart
+    metas = check_pruned_checkpoints(run_dir, rounds=3)  # exact sparsity, masks hold, ranks agree
+    steps_per_epoch = len(epoch_shard(1347, 32, 0, 0, 0, 2))
+    planned = [4, 3, 3, 3]
+    assert [m["steps"] for m in metas] == [e * steps_per_epoch for e in planned]
+    assert [m["global_step"] for m in metas] == [
+        sum(planned[: i + 1]) * steps_per_epoch for i in range(4)]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["final"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert report["final"]["accuracy"] > 0.8
+
+    # nothing of this job is left running (raylets, workers, replicas)
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _session_processes(proc.pid), [p.cmdline() for p in _session_processes(proc.pid)]
