@@ -105,7 +105,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
             _say(f"stage 1/4 teacher: training {spec.teacher.model.kind} for "
                  f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "teacher", str(run_path),
-                                             data_dir, wandb_config=ids))
+                                             data_dir, wandb_config=ids,
+                                             wandb_mode=tracker.mode))
         blob = (ckpt_root / TEACHER_CHECKPOINT / "model.safetensors").read_bytes()
         teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
     else:
@@ -148,7 +149,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
                 _say("stage 3/4 student: dense distillation (pruning disabled)")
             _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
                                              data_dir, teacher_replicas=pool.replicas,
-                                             logit_cache=logit_cache, wandb_config=ids))
+                                             logit_cache=logit_cache, wandb_config=ids,
+                                             wandb_mode=tracker.mode))
         replica_stats = pool.stats()
     finally:
         pool.shutdown()

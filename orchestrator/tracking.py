@@ -9,6 +9,7 @@ group each own one run; all runs of a job share the spec's group.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from specs.job import JobSpec
@@ -36,38 +37,58 @@ def resolve_mode(spec: JobSpec) -> str:
 
 
 class Tracker:
-    """One W&B run. With mode `disabled` every call does nothing, by the user's choice."""
+    """One W&B run. With mode `disabled` every call does nothing, by the user's choice.
 
-    def __init__(self, run=None):
+    An online run whose server cannot be reached within `wandb.init_timeout_s` falls back to
+    offline logging (files that `wandb sync` uploads later) instead of failing or stalling the
+    job; `mode` says which one the run got, and the driver hands it to the workers so that they
+    do not wait for the unreachable server again.
+    """
+
+    def __init__(self, run=None, mode: str = "disabled"):
         self._run = run
+        self.mode = mode
 
     @classmethod
     def start(
-        cls, spec: JobSpec, run_dir: Path, *, job_type: str, name: str, config: dict
+        cls, spec: JobSpec, run_dir: Path, *, job_type: str, name: str, config: dict,
+        mode: str | None = None,
     ) -> "Tracker":
-        mode = resolve_mode(spec)
+        mode = mode or resolve_mode(spec)
         if mode == "disabled":
             return cls(None)
         import wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=spec.wandb.project,
-            entity=spec.wandb.entity,
-            group=spec.wandb.group or spec.name,
-            job_type=job_type,
-            name=name,
-            dir=str(run_dir),
-            mode=mode,
-            config=config,
-            settings=wandb.Settings(
-                console="off",  # progress lines go to the job's own console, not W&B
-                x_disable_stats=True,  # no system-metrics sampler thread in a 2-core worker
-                silent=True,
-            ),
-            reinit="create_new",
-        )
-        return cls(run)
+
+        def init(mode_: str):
+            return wandb.init(
+                project=spec.wandb.project,
+                entity=spec.wandb.entity,
+                group=spec.wandb.group or spec.name,
+                job_type=job_type,
+                name=name,
+                dir=str(run_dir),
+                mode=mode_,
+                config=config,
+                settings=wandb.Settings(
+                    console="off",  # progress lines go to the job's own console, not W&B
+                    x_disable_stats=True,  # no system-metrics sampler thread in a 2-core worker
+                    silent=True,
+                    init_timeout=spec.wandb.init_timeout_s,
+                ),
+                reinit="create_new",
+            )
+
+        if mode == "online":
+            try:
+                return cls(init("online"), "online")
+            except Exception as err:  # wandb raises CommError, UsageError, ... when unreachable
+                cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                sys.stdout.write(f"[stillhouse] W&B unreachable ({cause}); logging offline under "
+                                 f"{run_dir / 'wandb'}; `wandb sync` uploads it later\n")
+                sys.stdout.flush()
+        return cls(init("offline"), "offline")
 
     @property
     def run_file(self) -> str | None:

@@ -356,6 +356,10 @@ class WandbSpec(Strict):
     entity: str | None = None
     group: str | None = Field(None, description="defaults to the job name")
     log_every_steps: int = Field(10, ge=1)
+    init_timeout_s: float = Field(
+        20.0, gt=0.0, description="how long an online run waits for the server before the job "
+        "falls back to offline logging"
+    )
 
 
 # ------------------------------------------------------------------------------ recurrence

@@ -49,6 +49,7 @@ class StageRequest:
     teacher_replicas: list | None = None  # actor handles, student stage only
     logit_cache: tuple[str, str] | None = None  # (cache dir, key): read logits from the cache
     wandb_config: dict | None = None  # job id, spec hash: added to the W&B run config
+    wandb_mode: str | None = None  # what the driver's run got (offline after a fallback)
 
 
 def train_worker(config: dict) -> None:
@@ -89,6 +90,7 @@ def train_worker(config: dict) -> None:
             name=f"{spec.name}-{req.stage}",
             config={"spec": spec.model_dump(mode="json"), "world_size": world,
                     "resumed_after": done[-1] if done else None, **(req.wandb_config or {})},
+            mode=req.wandb_mode,
         )
     client = cache = None
     if student and req.logit_cache:
