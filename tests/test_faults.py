@@ -1,8 +1,13 @@
-"""Faults inside a running job (issue 6): a student worker SIGKILLed in the middle of a pruning
-round. Ray Train restarts the worker group (`resources.worker_max_failures`), the new group finds
-the last committed checkpoint itself, and the job ends as if nothing happened: the planned number
-of optimizer steps, the exact target sparsity, pruned weights still zero, and no process left
-behind."""
+"""Faults inside a running job (issue 6).
+
+F3 + F12: a student worker SIGKILLed in the middle of a pruning round. Ray Train restarts the
+worker group (`resources.worker_max_failures`), the new group finds the last committed checkpoint
+itself, and the job ends as if nothing happened: the planned number of optimizer steps, the exact
+target sparsity, pruned weights still zero, and no process left behind.
+
+F2: the teacher dies more often than its restart budget: the job fails with a one-line cause and
+nothing after the failure is marked complete.
+"""
 
 from __future__ import annotations
 
@@ -96,6 +101,55 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
     assert report["final"]["accuracy"] > 0.8
 
     # nothing of this job is left running (raylets, workers, replicas)
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _session_processes(proc.pid), [p.cmdline() for p in _session_processes(proc.pid)]
+
+
+def _replicas(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if "TeacherReplica" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_teacher_dying_past_its_restart_budget_fails_the_job_cleanly(tmp_path, digits_teacher):
+    """F2: the only replica, with no restarts allowed, is killed while the student trains; the
+    job fails with a one-line cause, and nothing after the failure is marked complete."""
+    spec = quick_digits_spec("teacher-dies", "faults", epochs=30, rounds=1, teacher=digits_teacher)
+    spec["resources"] = {"teacher_replicas": 1, "teacher_cpus": 0.5, "teacher_max_restarts": 0,
+                         "student_workers": 2, "student_cpus": 0.5, "worker_max_failures": 0}
+    spec["wandb"] = {"mode": "disabled"}
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.log"
+    with open(log_path, "w") as out, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen(
+            STILLHOUSE + ["run", str(write_spec(tmp_path, spec)), "--run-dir", str(run_dir)],
+            cwd=ROOT, env=_env(), stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "[student] student-00-dense (1/2) epoch 1/30" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the student never started"
+            time.sleep(0.1)
+        (replica,) = _replicas(psutil.Process(proc.pid))
+        replica.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=300) == 1, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    stderr = (tmp_path / "err.log").read_text().strip().splitlines()
+    assert stderr[-1].startswith("stillhouse: job failed: the student stage failed")
+    assert "no teacher replica answered" in stderr[-1] and "teacher_max_restarts" in stderr[-1]
+    checkpoints = run_dir / "checkpoints"
+    assert not (checkpoints / "student-00-dense" / "COMPLETE.json").exists()
+    assert not (checkpoints / "student-01-round1").exists()
+    assert not (run_dir / "report.json").exists()
     deadline = time.monotonic() + 30
     while _session_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)

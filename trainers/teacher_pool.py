@@ -121,7 +121,9 @@ class TeacherPoolClient:
                 attempts = entry[3] + 1
                 if attempts >= self.max_attempts:
                     raise PoolError(
-                        f"teacher request failed {attempts} times; last: {type(err).__name__}"
+                        f"no teacher replica answered after {attempts} attempts (last: "
+                        f"{type(err).__name__}): the replicas died more often than "
+                        "`resources.teacher_max_restarts` allows"
                     ) from None
                 self.failovers += 1
                 pending[0] = send(entry[2], avoid=entry[1])
