@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.compress import ExportError, export_run_dir
+    from orchestrator.compress import ExportError, NotARunDirError, export_run_dir
     from orchestrator.report import format_table
     from trainers.checkpoint import CheckpointError
     from trainers.data import DataError
@@ -101,10 +101,13 @@ def _export(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ExportError, ExportFormatError, CheckpointError, DataError, TeacherLoadError,
+    except (NotARunDirError, ExportFormatError, CheckpointError, DataError, TeacherLoadError,
             OSError) as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ExportError as err:
+        print(f"stillhouse: export failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     print(format_table(report))
     return 0
 

@@ -17,13 +17,18 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.job import JobError
 from specs import JobSpec, spec_hash
 
 COMPRESSED_FILE = "student.compressed.safetensors"
 
 
-class ExportError(RuntimeError):
-    """The compressed model could not be built or does not reload to the same predictions."""
+class ExportError(JobError):
+    """The compressed model does not reload to the same predictions."""
+
+
+class NotARunDirError(ValueError):
+    """`stillhouse export` was given a folder that holds no finished run."""
 
 
 def compress_and_export(
@@ -147,7 +152,8 @@ def compress_and_export(
                               act_ranges=ranges, entropy_coding=spec.export.entropy_coding)
     reloaded, _ = load_compressed(path)
     reload_acc, reload_pred = accuracy(reloaded, data.x_test, data.y_test)
-    if not torch.equal(pred, reload_pred):
+    reload_matches = torch.equal(pred, reload_pred)
+    if not reload_matches:
         raise ExportError(
             f"{path} reloads to different predictions on {int((pred != reload_pred).sum())} of "
             f"{len(pred)} test images"
@@ -164,7 +170,7 @@ def compress_and_export(
         "file": COMPRESSED_FILE, "runtime": runtime, **manifest,
         "dense_file_bytes": dense_bytes, "compressed_file_bytes": compressed_bytes,
         "size_reduction": dense_bytes / compressed_bytes,
-        "reload_matches": True, "latency_ms": exported["latency_ms"],
+        "reload_matches": reload_matches, "latency_ms": exported["latency_ms"],
         "tensor_bytes": {n: info["stored_bytes"] for n, info in layout.items()},
         "entropy_coding": spec.export.entropy_coding,
     }
@@ -203,7 +209,7 @@ def export_run_dir(run_dir: Path, data_dir: str | None = None) -> dict:
     run_dir = Path(run_dir)
     report_path = run_dir / "report.json"
     if not (run_dir / "spec.yaml").is_file() or not report_path.is_file():
-        raise ExportError(f"{run_dir} is not a finished run dir (no spec.yaml or report.json)")
+        raise NotARunDirError(f"{run_dir} is not a finished run dir (no spec.yaml or report.json)")
     spec = load_spec(run_dir / "spec.yaml")
     report = json.loads(report_path.read_text())
     data = load_dataset(spec.data, data_dir, spec.seed)
