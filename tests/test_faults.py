@@ -27,11 +27,12 @@ from trainers.data import epoch_shard
 pytestmark = pytest.mark.ray
 
 
-def _workers(root: psutil.Process) -> list[psutil.Process]:
+def _descendants(root: psutil.Process, text: str) -> list[psutil.Process]:
+    """Processes under `root` whose command line contains `text` (Ray names its workers there)."""
     found = []
     for p in root.children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
+            if text in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.NoSuchProcess:
             pass
@@ -73,7 +74,7 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
             time.sleep(0.1)
         # round 2 is training now: kill one worker with SIGKILL, no chance to clean up
         while killed_at is None:
-            workers = _workers(psutil.Process(proc.pid))
+            workers = _descendants(psutil.Process(proc.pid), "RayTrainWorker")
             if workers:
                 workers[-1].send_signal(signal.SIGKILL)
                 killed_at = time.time()
@@ -107,17 +108,6 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
     assert not _session_processes(proc.pid), [p.cmdline() for p in _session_processes(proc.pid)]
 
 
-def _replicas(root: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for p in root.children(recursive=True):
-        try:
-            if "TeacherReplica" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def test_teacher_dying_past_its_restart_budget_fails_the_job_cleanly(tmp_path, digits_teacher):
     """F2: the only replica, with no restarts allowed, is killed while the student trains; the
     job fails with a one-line cause, and nothing after the failure is marked complete."""
@@ -137,7 +127,7 @@ def test_teacher_dying_past_its_restart_budget_fails_the_job_cleanly(tmp_path, d
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the student never started"
             time.sleep(0.1)
-        (replica,) = _replicas(psutil.Process(proc.pid))
+        (replica,) = _descendants(psutil.Process(proc.pid), "TeacherReplica")
         replica.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=300) == 1, log_path.read_text()[-3000:]
     finally:
