@@ -10,4 +10,4 @@ demo: setup
 	.venv/bin/stillhouse run examples/digits.yaml --run-dir runs/digits
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15

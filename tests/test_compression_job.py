@@ -1,6 +1,7 @@
 """Compression beyond magnitude pruning, through the job driver on a real Ray cluster: QAT int8
-after global pruning, and structured channel pruning of LeNet-5 with binary weights; each job ends
-in a compact file that `stillhouse export` / `report` can rebuild and that reloads exactly."""
+after global pruning, and feature distillation with structured channel pruning and binary
+weights on LeNet-5; each job ends in a compact file that `stillhouse export` / `report` can
+rebuild and that reloads exactly. (Ternary weights through the driver: tests/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -93,19 +94,39 @@ def test_qat_int8_of_a_90_percent_sparse_student_is_ten_times_smaller(tmp_path, 
     assert broken.returncode == 2 and "not a finished run dir" in broken.stderr
 
 
-def test_structured_binary_lenet5_exports_fewer_channels_and_one_bit_weights(
-    tmp_path, digits_teacher
-):
+def test_feature_kd_structured_binary_lenet5(tmp_path, digits_teacher):
+    """Feature distillation, structured channel pruning and binary weights in one LeNet-5 job:
+    fewer channels and 1-bit weights in the exported file, and a feature term that is learned."""
+    from wandb_records import history_rows, read_records, run_info
+
     spec = digits_spec(1, group="compress", name="binary", teacher=digits_teacher)
     spec["student"] = {"model": {"kind": "lenet5", "padding": 2}, "epochs": 6, "lr": 0.002,
                        "batch_size": 32}
+    # LeNet-5's hidden fc layer (500 units, after ReLU) learns the teacher MLP's second hidden
+    # layer (128 units) through a learned 500 -> 128 projection
+    spec["distillation"] = {"kind": "hinton", "temperature": 4.0, "alpha": 0.7, "features": [
+        {"student": "classifier.1", "teacher": "net.3", "weight": 0.5}]}
     spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 2,
-                       "schedule": {"kind": "oneshot"}, "granularity": "channel", "norm": "l2", "scope": "layer"}
+                       "schedule": {"kind": "oneshot"}, "granularity": "channel", "norm": "l2",
+                       "scope": "layer"}
     spec["quantization"] = {"method": "binary", "finetune_epochs": 3}
-    spec["wandb"] = {"mode": "disabled"}
+    spec["wandb"] = {"mode": "offline", "project": "stillhouse", "group": "features",
+                     "log_every_steps": 5}
     report, out, run_dir = _job(tmp_path, spec)
 
+    (path,) = [p for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+               if run_info(read_records(p))["job_type"] == "student-workers"]
+    feature = [r["train/feature"] for r in history_rows(read_records(path)) if "train/feature" in r]
+    assert len(feature) >= 10 and all(f > 0 for f in feature)
+    assert sum(feature[-3:]) < 0.8 * sum(feature[:3])  # the feature term is learned
+    # the projection is trained and checkpointed with the student, but not part of it
+    with safe_open(str(run_dir / "checkpoints" / "student-00-dense" / "kd_proj.safetensors"),
+                   framework="pt") as f:
+        assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == {
+            "kd_proj.0.weight": (128, 500), "kd_proj.0.bias": (128,)}
+
     model, meta = _reload(run_dir, report)
+    assert not any(k.startswith("kd_proj") for k in meta["layout"])
     widths = meta["architecture"]["widths"]
     full = LeNet5((1, 8, 8), 10, padding=2)
     assert widths == [10, 25, 250]  # each layer keeps half its channels
@@ -133,50 +154,3 @@ def test_structured_binary_lenet5_exports_fewer_channels_and_one_bit_weights(
     assert torch.allclose(binarized, binarized[:, :1].expand_as(binarized))
     assert "compressed (50% channel pruned, binary)" in out
 
-
-def test_feature_distillation_with_ternary_weights(tmp_path, digits_teacher):
-    from wandb_records import history_rows, read_records, run_info
-
-    spec = digits_spec(1, group="compress", name="features", teacher=digits_teacher)
-    spec["student"] = {"model": {"kind": "mlp", "hidden": [64, 32]}, "epochs": 8, "lr": 0.005,
-                       "batch_size": 32}
-    # the student's first hidden layer (64 wide) learns the teacher's second (128 wide) through
-    # a learned 64 -> 128 projection
-    spec["distillation"] = {"kind": "hinton", "temperature": 4.0, "alpha": 0.7, "features": [
-        {"student": "net.1", "teacher": "net.3", "weight": 0.5}]}
-    spec["pruning"] = {"target_sparsity": 0.5, "rounds": 1, "finetune_epochs": 1,
-                       "schedule": {"kind": "oneshot"}}
-    spec["quantization"] = {"method": "ternary", "finetune_epochs": 3}
-    spec["wandb"] = {"mode": "offline", "project": "stillhouse", "group": "features"}
-    spec["wandb"]["log_every_steps"] = 5
-    report, out, run_dir = _job(tmp_path, spec)
-
-    (path,) = [p for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-               if run_info(read_records(p))["job_type"] == "student-workers"]
-    feature = [r["train/feature"] for r in history_rows(read_records(path)) if "train/feature" in r]
-    assert len(feature) >= 10 and all(f > 0 for f in feature)
-    assert sum(feature[-3:]) < 0.8 * sum(feature[:3])  # the feature term is learned
-    # the projection is trained and checkpointed with the student, but not part of it
-    ckpt = run_dir / "checkpoints" / "student-00-dense"
-    with safe_open(str(ckpt / "kd_proj.safetensors"), framework="pt") as f:
-        assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == {
-            "kd_proj.0.weight": (128, 64), "kd_proj.0.bias": (128,)}
-    model, meta = _reload(run_dir, report)
-    assert not any(k.startswith("kd_proj") for k in meta["layout"])
-    assert report["export"]["accuracy"] > 0.8
-
-    # ternary middle layer: 2 bits per kept weight, one magnitude per output channel
-    info = meta["layout"]["net.2.weight"]
-    assert info["kind"] == "ternary" and info["sparse"]
-    with safe_open(str(run_dir / report["export"]["file"]), framework="pt") as f:
-        values = [f.get_tensor(k) for k in f.keys() if k.startswith("net.2.weight:values")]
-    if "values" in info["deflated"]:  # entropy-coded: the packed codes' shape is in the layout
-        assert info["deflated"]["values"]["shape"] == [math.ceil(info["nnz"] / 4)]
-        assert values[0].numel() < math.ceil(info["nnz"] / 4)
-    else:
-        assert values[0].numel() == math.ceil(info["nnz"] / 4)
-    ternary = model.net[2].weight().dequantize()
-    for row in ternary:
-        live = row[row != 0].abs()
-        assert torch.allclose(live, live[:1].expand_as(live), rtol=1e-5)
-    assert "post-training ternary (no fine-tuning)" in out

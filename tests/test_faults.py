@@ -12,6 +12,7 @@ nothing after the failure is marked complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,10 +20,12 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from test_job_ray import ROOT, STILLHOUSE, _env, _kill_tree, check_pruned_checkpoints, \
     quick_digits_spec, write_spec
 from trainers.data import epoch_shard
+from trainers.export import load_compressed
 
 pytestmark = pytest.mark.ray
 
@@ -56,6 +59,9 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
                        "schedule": {"kind": "geometric"}}
     spec["resources"] = {"teacher_replicas": 1, "teacher_cpus": 0.5, "student_workers": 2,
                          "student_cpus": 0.5, "worker_max_failures": 1}
+    # ternary weights after pruning: the restarted group carries on into that phase too, and the
+    # export stores 2 bits per kept weight (the ternary method through the job driver)
+    spec["quantization"] = {"method": "ternary", "finetune_epochs": 2}
     spec["wandb"] = {"mode": "disabled"}
     run_dir = tmp_path / "run"
     round1 = run_dir / "checkpoints" / "student-01-round1" / "COMPLETE.json"
@@ -91,15 +97,28 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
     assert out.count("[student] student-02-round2 done") == 1
 
     # every phase trained exactly its planned steps, counted without gaps across the restart
-    metas = check_pruned_checkpoints(run_dir, rounds=3)  # exact sparsity, masks hold, ranks agree
+    metas = check_pruned_checkpoints(run_dir, rounds=3, quantize=True)  # exact, masks hold
+    assert [m["kind"] for m in metas] == ["dense", "prune", "prune", "prune", "quantize"]
     steps_per_epoch = len(epoch_shard(1347, 32, 0, 0, 0, 2))
-    planned = [4, 3, 3, 3]
+    planned = [4, 3, 3, 3, 2]
     assert [m["steps"] for m in metas] == [e * steps_per_epoch for e in planned]
     assert [m["global_step"] for m in metas] == [
-        sum(planned[: i + 1]) * steps_per_epoch for i in range(4)]
+        sum(planned[: i + 1]) * steps_per_epoch for i in range(5)]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["final"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
     assert report["final"]["accuracy"] > 0.8
+
+    # the ternary export: 2 bits per kept weight of the middle layer, one magnitude per row
+    model, meta = load_compressed(run_dir / report["export"]["file"])
+    info = meta["layout"]["net.2.weight"]
+    assert info["kind"] == "ternary" and info["sparse"] and meta["layout"]["net.0.weight"]["kind"] == "int8"
+    assert info["bytes"] <= math.ceil(info["nnz"] / 4) + 4 * info["shape"][0] + math.ceil(
+        math.prod(info["shape"]) / 8)  # codes, scales, and at most a bitmap of positions
+    for row in model.net[2].weight().dequantize():
+        live = row[row != 0].abs()
+        assert torch.allclose(live, live[:1].expand_as(live), rtol=1e-5)
+    assert report["export"]["accuracy"] > 0.8
+    assert any(s["name"] == "post-training ternary (no fine-tuning)" for s in report["stages"])
 
     # nothing of this job is left running (raylets, workers, replicas)
     deadline = time.monotonic() + 30

@@ -77,15 +77,16 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
     return path
 
 
-def check_pruned_checkpoints(run_dir: Path, rounds: int) -> list[dict]:
-    """Every student checkpoint: masks equal on all ranks, pruned weights exactly zero."""
+def check_pruned_checkpoints(run_dir: Path, rounds: int, quantize: bool = False) -> list[dict]:
+    """Every student checkpoint: masks equal on all ranks, pruned weights exactly zero (also in
+    the quantized fine-tuning phase after the rounds, when there is one)."""
     metas = []
     for folder in sorted((run_dir / "checkpoints").glob("student-*")):
         meta = json.loads((folder / "COMPLETE.json").read_text())["meta"]
         metas.append(meta)
         checks = meta["rank_checks"]
         assert [c["rank"] for c in checks] == [0, 1]
-        if meta["kind"] == "prune":
+        if meta["kind"] in ("prune", "quantize"):
             assert len({c["mask_digest"] for c in checks}) == 1, "workers hold different masks"
             for c in checks:  # after the round's bf16 fine-tuning steps, on every worker
                 assert c["masked_nonzero_module"] == 0 and c["masked_nonzero_master"] == 0, c
@@ -95,7 +96,7 @@ def check_pruned_checkpoints(run_dir: Path, rounds: int) -> list[dict]:
             assert pruned == round(meta["target_sparsity"] * meta["prunable_params"])
             for name, mask in masks.items():
                 assert np.count_nonzero(weights[name][~mask]) == 0, name
-    assert len(metas) == 1 + rounds
+    assert len(metas) == 1 + rounds + int(quantize)
     return metas
 
 
