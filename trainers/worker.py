@@ -159,26 +159,27 @@ def _run_phase(
         batches = epoch_shard(
             len(data.y_train), section.batch_size, phase.index * 1000 + epoch, spec.seed, rank, world
         )
+        # (teacher logits, teacher features) per batch
         if cache is not None:  # cached logits: no teacher in the loop at all
-            teacher = (cache.logits(idx) for idx in batches)
+            teacher = ((cache.logits(idx), None) for idx in batches)
         elif client is not None:  # online: requests in flight ahead of the steps
-            teacher = client.stream(data.x_train[idx] for idx in batches)
+            rows = client.stream(data.x_train[idx] for idx in batches)
             if engine.teacher_feature_shapes:  # each row: logits, then the features
-                teacher = (split_teacher_output(rows, data.num_classes, engine.teacher_feature_shapes)
-                           for rows in teacher)
+                shapes = engine.teacher_feature_shapes
+                teacher = (split_teacher_output(r, data.num_classes, shapes) for r in rows)
+            else:
+                teacher = ((r, None) for r in rows)
         else:  # the teacher itself is training
-            teacher = repeat(None)
+            teacher = repeat((None, None))
         epoch_losses = []
-        for idx, t_logits in zip(batches, teacher):
+        for idx, (t_logits, t_features) in zip(batches, teacher):
             lr = cosine_lr(step_in_phase, total_steps, base_lr)
             engine.set_lr(lr)
-            t_features = None
-            if isinstance(t_logits, tuple):
-                t_logits, t_features = t_logits[0], [torch.from_numpy(np.array(f)) for f in t_logits[1]]
             parts = engine.train_step(
                 torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
                 None if t_logits is None else torch.from_numpy(np.array(t_logits)),
-                temperature, alpha, t_features,
+                temperature, alpha,
+                None if t_features is None else [torch.from_numpy(np.array(f)) for f in t_features],
             )
             step_in_phase += 1
             global_step += 1
