@@ -164,13 +164,16 @@ def fault_f1(args: argparse.Namespace, rng: random.Random) -> dict:
     from trainers.teacher_pool import TeacherPool
     from trainers.teacher_server import TeacherServer
 
-    spec = parse_spec({**job_spec(args, "chaos-f1"), "resources": {
+    # fp32, one thread and one request per forward (teacher_max_batch = the request size), as
+    # in the in-process reference below, so that the logits must agree bit for bit
+    spec = parse_spec({**job_spec(args, "chaos-f1"), "precision": "fp32", "resources": {
         "teacher_replicas": 2, "teacher_cpus": 0.5, "teacher_max_restarts": 100,
-        "student_workers": 1, "student_cpus": 0.5}})
+        "teacher_max_batch": 128, "student_workers": 1, "student_cpus": 0.5}})
     data = load_dataset(spec.data, args.data_dir, 0)
     torch.manual_seed(0)
     teacher = build_model(spec.teacher.model, data.image_shape, data.num_classes)
     blob = save(teacher.state_dict())
+    torch.set_num_threads(1)  # a replica with 0.5 CPU runs one thread
     reference = TeacherServer(teacher, "fp32")
     batch = 128
     starts = list(range(0, len(data.x_train) - batch + 1, batch))
@@ -227,8 +230,9 @@ def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
         marker = run_dir / "checkpoints" / "student-01-round1" / "COMPLETE.json"
         try:
             _wait_for(marker.exists, proc, 900, "round 1")
-            victims = []
+            victims = _matching(proc.pid, "RayTrainWorker")
             while not victims:
+                time.sleep(0.05)
                 victims = _matching(proc.pid, "RayTrainWorker")
             victims[-1].send_signal(signal.SIGKILL)
             killed = time.monotonic()
