@@ -144,6 +144,13 @@ def _loaded_partial(run_dir: Path, log_text: str) -> int:
     return bad
 
 
+def _count_checkpoints(out: dict, run_dir: Path, log: Path) -> None:
+    complete, partial = _checkpoint_counts(run_dir)
+    out["checkpoints_committed"] += complete
+    out["partial_left"] += partial
+    out["partial_loaded"] += _loaded_partial(run_dir, log.read_text())
+
+
 def _final_accuracy(run_dir: Path) -> float:
     return json.loads((run_dir / "report.json").read_text())["final"]["accuracy"]
 
@@ -243,10 +250,7 @@ def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
         finally:
             if proc.poll() is None:
                 _kill_tree(proc)
-        complete, partial = _checkpoint_counts(run_dir)
-        out["checkpoints_committed"] += complete
-        out["partial_left"] += partial
-        out["partial_loaded"] += _loaded_partial(run_dir, log.read_text())
+        _count_checkpoints(out, run_dir, log)
         if rc == 0:
             out["survived"] += 1
             out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
@@ -276,10 +280,7 @@ def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
         finally:
             if rerun.poll() is None:
                 _kill_tree(rerun)
-        complete, partial = _checkpoint_counts(run_dir)
-        out["checkpoints_committed"] += complete
-        out["partial_left"] += partial
-        out["partial_loaded"] += _loaded_partial(run_dir, log.read_text())
+        _count_checkpoints(out, run_dir, log)
         if rc == 0 and "resuming after student-0" in log.read_text()[before:]:
             out["survived"] += 1
             out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
