@@ -228,9 +228,14 @@ def fault_f1(args: argparse.Namespace, rng: random.Random) -> dict:
 # ----------------------------------------------------------------------------------- F3, F6
 
 
+def _job_tally() -> dict:
+    """The counts F3 and F6 report, before any fault."""
+    return {"injected": 0, "survived": 0, "checkpoints_committed": 0, "partial_left": 0,
+            "partial_loaded": 0, "recovery_s": [], "accuracy_gap": []}
+
+
 def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
-    out = {"injected": 0, "survived": 0, "checkpoints_committed": 0, "partial_left": 0,
-           "partial_loaded": 0, "recovery_s": [], "accuracy_gap": []}
+    out = _job_tally()
     for r in range(args.repeats):
         run_dir, log = work / f"f3-{r}", work / f"f3-{r}.log"
         proc = _start(spec_path, run_dir, log, args.data_dir)
@@ -258,8 +263,7 @@ def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
 
 
 def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
-    out = {"injected": 0, "survived": 0, "checkpoints_committed": 0, "partial_left": 0,
-           "partial_loaded": 0, "recovery_s": [], "accuracy_gap": []}
+    out = _job_tally()
     for r in range(args.repeats):
         run_dir, log = work / f"f6-{r}", work / f"f6-{r}.log"
         proc = _start(spec_path, run_dir, log, args.data_dir)

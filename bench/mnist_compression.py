@@ -122,6 +122,21 @@ def _common(args: argparse.Namespace, name: str) -> dict:
     }
 
 
+def _distil_prune_qat(args: argparse.Namespace, schedule: list[float]) -> dict:
+    """The spec sections jobs 1 and 3 share: distillation, pruning by `schedule`, then QAT."""
+    return {
+        "distillation": {"kind": "hinton", "temperature": args.temperature, "alpha": args.alpha},
+        "pruning": {
+            "enabled": True,
+            "target_sparsity": schedule[-1],
+            "rounds": len(schedule),
+            "finetune_epochs": args.finetune_epochs,
+            "schedule": {"kind": "explicit", "sparsities": schedule},
+        },
+        "quantization": {"method": "qat", "finetune_epochs": args.qat_epochs},
+    }
+
+
 def distilled_spec(args: argparse.Namespace) -> dict:
     """Job 1: train the teacher, distil the dense student, prune it round by round."""
     raw = _common(args, "bench-mnist-distilled")
@@ -132,16 +147,7 @@ def distilled_spec(args: argparse.Namespace) -> dict:
         "lr": args.teacher_lr,
         "batch_size": args.batch_size,
     }
-    raw["distillation"] = {"kind": "hinton", "temperature": args.temperature, "alpha": args.alpha}
-    raw["pruning"] = {
-        "enabled": True,
-        "target_sparsity": args.schedule[-1],
-        "rounds": len(args.schedule),
-        "finetune_epochs": args.finetune_epochs,
-        "schedule": {"kind": "explicit", "sparsities": args.schedule},
-    }
-    raw["quantization"] = {"method": "qat", "finetune_epochs": args.qat_epochs}
-    return raw
+    return {**raw, **_distil_prune_qat(args, args.schedule)}
 
 
 def lenet5_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
@@ -154,16 +160,7 @@ def lenet5_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
     }
     raw["student"] = {"model": {"kind": "lenet5"}, "epochs": args.lenet5_epochs,
                       "lr": args.student_lr, "batch_size": args.batch_size}
-    raw["distillation"] = {"kind": "hinton", "temperature": args.temperature, "alpha": args.alpha}
-    raw["pruning"] = {
-        "enabled": True,
-        "target_sparsity": args.lenet5_schedule[-1],
-        "rounds": len(args.lenet5_schedule),
-        "finetune_epochs": args.finetune_epochs,
-        "schedule": {"kind": "explicit", "sparsities": args.lenet5_schedule},
-    }
-    raw["quantization"] = {"method": "qat", "finetune_epochs": args.qat_epochs}
-    return raw
+    return {**raw, **_distil_prune_qat(args, args.lenet5_schedule)}
 
 
 def file_candidates(report: dict, run_dir: Path, data, key: str) -> dict:

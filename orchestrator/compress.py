@@ -123,7 +123,9 @@ def compress_and_export(
                 "bits": BITS[_main_kind(ptq_kinds)],
             })
 
-    arch, state, masks = phase_state(phases[-1].name)
+    # the weights to export: after the quantized fine-tuning, or the pruned ones read above
+    arch, state, masks = (phase_state(phases[-1].name) if trained_quantized
+                          else (arch, pruned_state, pruned_masks))
     q_state = quantize_state(state, kinds, masks)
     q_float = model_of(arch, q_state)
     ranges = None
