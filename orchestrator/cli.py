@@ -233,7 +233,11 @@ def _scheduler(args: argparse.Namespace) -> int:
     from cluster import scheduler
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    scheduler.serve(args.db)
+    try:
+        scheduler.serve(args.db)
+    except scheduler.ScheduleError as err:
+        print(f"stillhouse: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -3,7 +3,9 @@
 Mode `auto` logs online when `WANDB_API_KEY` is set and offline otherwise: offline runs are files
 under `<run_dir>/wandb/` that `wandb sync` uploads later. (An online init with no network stalls
 for about 90 s, so `auto` never tries online without a key.) The driver and rank 0 of every worker
-group each own one run; all runs of a job share the spec's group.
+group each own one run; all runs of a job share the spec's group. Workers log a phase's rows once
+it has committed (trainers/worker.py), so the runs of a stopped job and of its resume hold each
+step once; `orchestrator/wandb_file.py` reads the run files back.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_records.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ray_head.py
 
 # no test may reach W&B's servers: runs without a key log offline, by the spec's `auto` mode
 os.environ.pop("WANDB_API_KEY", None)

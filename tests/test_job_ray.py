@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from wandb_records import history_rows, read_records, run_info
+from orchestrator.wandb_file import history_rows, job_history, read_records, run_info
 
 pytestmark = pytest.mark.ray
 
@@ -192,7 +192,8 @@ def test_killed_job_resumes_after_last_finished_round(tmp_path):
     Runs with a W&B key and a Ray token in the environment (W&B offline by the spec), and then
     checks that neither appears in any file the job wrote.
     """
-    spec = digits_spec(2, group="resume-group", wandb={"mode": "offline", "group": "resume-group"})
+    spec = digits_spec(2, group="resume-group",
+                       wandb={"mode": "offline", "group": "resume-group", "log_every_steps": 10})
     spec_path = write_spec(tmp_path, spec)
     run_dir = tmp_path / "run"
     marker = run_dir / "checkpoints" / "student-01-round1" / "COMPLETE.json"
@@ -232,6 +233,16 @@ def test_killed_job_resumes_after_last_finished_round(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rounds"][0]["accuracy"] == round1["accuracy"]
     assert report["final"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+    # W&B: across the stopped run and the resumed one, every student step logged exactly once
+    logged = [row for row in job_history(run_dir, "student-workers") if "_step" in row]
+    steps = [row["_step"] for row in logged]
+    assert len(steps) == len(set(steps)), sorted(s for s in steps if steps.count(s) > 1)
+    final_step = metas[-1]["global_step"]
+    planned = set(range(10, final_step + 1, 10)) | {m["global_step"] for m in metas}
+    assert set(steps) == planned
+    assert sorted(r["_step"] for r in logged if "eval/accuracy" in r) == \
+        [m["global_step"] for m in metas]
 
     written = [p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()]
     assert len(written) > 20 and any(p.suffix == ".wandb" for p in written)

@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from wandb_records import history_rows, read_records
+from orchestrator.wandb_file import history_rows, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "0123456789abcdef0123456789abcdef01234567"

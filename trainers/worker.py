@@ -5,11 +5,17 @@ Each phase ends with an evaluation, a committed checkpoint under `<run_dir>/chec
 `ray.train.report` on every rank (equal report counts; unequal ones hang). A worker group that Ray
 Train restarts after a failure finds the last committed checkpoint itself and continues after it.
 
+A phase's W&B rows (every `log_every_steps` steps, and its evaluation) are committed with its
+checkpoint and logged only after the commit, the way Ray Train reports metrics with their
+checkpoint: a resumed run never logs a step a stopped run already logged, and logs the committed
+rows a stopped run had no time to log. W&B shows a phase when it ends, not step by step.
+
 Run by the job driver (orchestrator/job.py), never directly.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -84,14 +90,21 @@ def train_worker(config: dict) -> None:
     todo = phases[len(done) :]
 
     tracker = Tracker(None)
-    if rank == 0 and todo:
+    job_type = f"{req.stage}-workers"
+    # steps of committed phases that no earlier run of this job got into its W&B file
+    unlogged = _unlogged_rows(root, done, Path(req.run_dir), job_type) if rank == 0 else []
+    if rank == 0 and (todo or unlogged):
         tracker = Tracker.start(
-            spec, Path(req.run_dir), job_type=f"{req.stage}-workers",
-            name=f"{spec.name}-{req.stage}",
+            spec, Path(req.run_dir), job_type=job_type, name=f"{spec.name}-{req.stage}",
             config={"spec": spec.model_dump(mode="json"), "world_size": world,
                     "resumed_after": done[-1] if done else None, **(req.wandb_config or {})},
             mode=req.wandb_mode,
         )
+        for step, row in unlogged:
+            tracker.log(row, step=step)
+        if unlogged:
+            _print0(f"[resume] logged {len(unlogged)} W&B rows of committed phases that the "
+                    "stopped run had not")
     client = cache = None
     if student and req.logit_cache:
         cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
@@ -132,6 +145,30 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
     return int(meta["global_step"])
 
 
+METRICS_FILE = "metrics.jsonl"  # a phase's W&B rows, committed with its checkpoint
+
+
+def _unlogged_rows(root: Path, done: list[str], run_dir: Path, job_type: str) -> list:
+    """(step, row) of committed phases whose step is in no earlier W&B run file of this job.
+
+    W&B gets a phase's rows only after the phase commits, so a stopped run never logged a step
+    that a resume repeats; a run stopped between its commit and its logging left rows out, and
+    they are logged here, once.
+    """
+    if not done:
+        return []
+    from orchestrator.wandb_file import logged_steps
+
+    seen = logged_steps(run_dir, job_type)
+    rows = []
+    for name in done:
+        path = root / name / METRICS_FILE
+        if path.is_file():  # verified with its checkpoint
+            rows += [(r["step"], r["row"]) for r in map(json.loads, path.read_text().splitlines())
+                     if r["step"] not in seen]
+    return rows
+
+
 def _run_phase(
     engine: DistillEngine, spec: JobSpec, phase: Phase, data: Dataset,
     client: TeacherPoolClient | None, cache: LogitCache | None, tracker: Tracker, root: Path,
@@ -153,6 +190,7 @@ def _run_phase(
     temperature = getattr(spec.distillation, "temperature", 1.0)
     alpha = getattr(spec.distillation, "alpha", 0.0)
     step_in_phase, skipped, samples, losses = 0, 0, 0, []
+    wandb_rows: dict[int, dict] = {}  # W&B rows by step, logged once the phase has committed
     started = time.perf_counter()
     for epoch in range(phase.epochs):
         epoch_start = time.perf_counter()
@@ -190,11 +228,9 @@ def _run_phase(
             epoch_losses.append(parts["loss"])
             if global_step % spec.wandb.log_every_steps == 0:
                 rate = samples / max(1e-9, time.perf_counter() - started)
-                tracker.log(
-                    {**{f"train/{k}": v for k, v in parts.items()}, "train/lr": lr,
-                     "train/samples_per_s": rate, "train/phase": phase.index},
-                    step=global_step,
-                )
+                wandb_rows[global_step] = {**{f"train/{k}": v for k, v in parts.items()},
+                                     "train/lr": lr, "train/samples_per_s": rate,
+                                     "train/phase": phase.index}
         losses += epoch_losses
         elapsed = time.perf_counter() - epoch_start
         _print0(
@@ -230,14 +266,16 @@ def _run_phase(
         "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
         "rank_checks": checks,
     }
-    _save(engine, root, phase.name, meta, all_weights, rank)
     phase_metrics = {"eval/accuracy": accuracy}
     if stage == "student":
         phase_metrics.update({
             "prune/sparsity": meta["sparsity"], "prune/target_sparsity": phase.target_sparsity,
             "prune/round": phase.round, "prune/nonzero_params": model_nonzero,
         })
-    tracker.log(phase_metrics, step=global_step)
+    wandb_rows[global_step] = {**wandb_rows.get(global_step, {}), **phase_metrics}
+    _save(engine, root, phase.name, meta, all_weights, rank, wandb_rows)
+    for step in sorted(wandb_rows):  # committed: now they can go to W&B (no resume repeats them)
+        tracker.log(wandb_rows[step], step=step)
     _print0(
         f"[{stage}] {phase.name} done: accuracy {accuracy:.4f}, sparsity {meta['sparsity']:.4f}, "
         f"{model_nonzero:,}/{model_total:,} nonzero, {wall:.1f}s"
@@ -262,9 +300,11 @@ def _evaluate(engine: DistillEngine, data: Dataset, rank: int, world: int) -> fl
 
 
 def _save(
-    engine: DistillEngine, root: Path, name: str, meta: dict, weights: dict, rank: int
+    engine: DistillEngine, root: Path, name: str, meta: dict, weights: dict, rank: int,
+    rows: dict[int, dict],
 ) -> None:
-    """Commit one phase's checkpoint; every rank takes part (DeepSpeed saves on all ranks)."""
+    """Commit one phase's checkpoint and its W&B rows; every rank takes part (DeepSpeed saves on
+    all ranks)."""
     from safetensors.torch import save_file
 
     if rank == 0:
@@ -280,6 +320,8 @@ def _save(
             save_file({k: v.contiguous() for k, v in weights.items() if k not in student},
                       str(staging / "kd_proj.safetensors"))
         save_file({k: v.contiguous() for k, v in engine.masks.items()}, str(staging / "masks.safetensors"))
+        (staging / METRICS_FILE).write_text(
+            "".join(json.dumps({"step": k, "row": rows[k]}) + "\n" for k in sorted(rows)))
         checkpoint.commit(root, name, meta)
     dist.barrier()
 
