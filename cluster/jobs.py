@@ -32,6 +32,14 @@ class ClusterError(Exception):
     """A request to the cluster failed; the message is one line, fit for the terminal."""
 
 
+class NoSuchJob(ClusterError):
+    """The cluster answered, and has no job with that id."""
+
+
+class JobExists(ClusterError):
+    """The cluster already has a job with the submission id asked for."""
+
+
 def _explain(err: Exception, address: str) -> ClusterError:
     text = str(err)
     if "401" in text or "Missing authentication token" in text or "no authentication token" in text:
@@ -42,7 +50,9 @@ def _explain(err: Exception, address: str) -> ClusterError:
     if "403" in text or "Invalid authentication token" in text or "invalid or incorrect" in text:
         return ClusterError(f"{address} refused the Ray token (403): it is not this cluster's token")
     if "404" in text or "does not exist" in text:
-        return ClusterError(f"no such job on {address}")
+        return NoSuchJob(f"no such job on {address}")
+    if "already exists" in text:
+        return JobExists(f"{address} already has a job with that submission id")
     if isinstance(err, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
         return ClusterError(f"cannot reach a Ray dashboard at {address}")
     return ClusterError(f"{address}: {text.strip().splitlines()[0] if text.strip() else type(err).__name__}")

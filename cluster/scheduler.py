@@ -11,10 +11,17 @@ tables of ours: `schedules` (what to submit where) and `firings` (one row per sl
 and final status, or why it did not run). Policies, from the spec's `recurring` section:
 
 * a slot is run at most once: `firings` has one row per (schedule, slot) and `fire` claims the row
-  before it submits anything;
+  before it submits anything; the Ray job's submission id is made from the schedule and the slot,
+  so the cluster itself refuses a second submission of a slot;
+* one scheduler per store: `serve` holds an exclusive lock on `<db>.lock`, and a second scheduler
+  on the same store exits with an error instead of firing the same schedules beside the first;
+* a scheduler stopped between claiming a slot and recording its submission leaves a `claimed`
+  row; at start-up the cluster is asked for that slot's submission id, and the row becomes
+  `submitted` (the job exists) or `interrupted` (it does not); the slot is not run again;
 * never two runs of one schedule at once: APScheduler's `max_instances=1` stops concurrent
   `fire` calls, and `fire` asks the cluster whether the previous run is still going; if it is, the
-  slot is recorded `skipped` (overlap `skip`) or waits for it to end (overlap `queue`);
+  slot is recorded `skipped` (overlap `skip`) or waits for it to end (overlap `queue`); a slot
+  that comes while a queued one still waits is recorded `skipped` too;
 * missed slots: `coalesce=True` and `misfire_grace_time` from the spec: slots missed while the
   scheduler was down run once, late, if it is back within the grace time; older ones are
   recorded `missed` and not run. APScheduler's default grace of one second would silently drop
@@ -171,6 +178,12 @@ def _current_slot(cron: str, grace_s: int, now: datetime) -> datetime:
     return slot or now.replace(microsecond=0)
 
 
+def submission_id(schedule_id: str, slot: str) -> str:
+    """The Ray job submission id of one slot: the cluster refuses a second job with it."""
+    compact = datetime.fromisoformat(slot).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"stillhouse-{schedule_id}-{compact}"
+
+
 def fire(db_path: str, schedule_id: str) -> None:
     """Called by APScheduler at each slot: claim the slot, respect overlap, submit, record."""
     from cluster import jobs
@@ -208,6 +221,7 @@ def fire(db_path: str, schedule_id: str) -> None:
         spec = load_spec(row["spec_path"])  # read now: the newest spec (and teacher) each time
         run_dir = f"{row['run_root']}/{schedule_id}/{slot.replace(':', '').replace('+0000', 'Z')}"
         job_id = jobs.submit(spec, row["address"], run_dir=run_dir, data_dir=row["data_dir"],
+                             submission_id=submission_id(schedule_id, slot),
                              metadata={"schedule_id": schedule_id, "slot": slot})
         record("submitted", job_id)
         log.info("schedule %s: slot %s submitted as %s", schedule_id, slot, job_id)
@@ -237,6 +251,56 @@ def refresh_statuses(db_path: str | Path) -> None:
                          (state, f["schedule_id"], f["slot"]))
 
 
+def settle_claims(db_path: str | Path) -> int:
+    """At start-up: a `claimed` row is a slot whose scheduler stopped before it recorded the
+    submission. The cluster says whether that slot's job exists; returns how many rows changed.
+    A cluster that cannot be reached leaves the row for the next start."""
+    from cluster import jobs
+
+    conn = _db(db_path)
+    settled = 0
+    for f in conn.execute(
+        "SELECT f.schedule_id, f.slot, s.address FROM firings f JOIN schedules s "
+        "ON s.id = f.schedule_id WHERE f.status = 'claimed'").fetchall():
+        job_id = submission_id(f["schedule_id"], f["slot"])
+        try:
+            jobs.status(f["address"], job_id)
+            status, found, detail = "submitted", job_id, "submission recorded at scheduler start"
+        except jobs.NoSuchJob:
+            status, found, detail = "interrupted", None, "the scheduler stopped before submitting"
+        except jobs.ClusterError as err:
+            log.warning("schedule %s: slot %s left claimed: %s", f["schedule_id"], f["slot"], err)
+            continue
+        settled += conn.execute(
+            "UPDATE firings SET status = ?, ray_job_id = ?, detail = ? WHERE schedule_id = ? "
+            "AND slot = ? AND status = 'claimed'",
+            (status, found, detail, f["schedule_id"], f["slot"])).rowcount
+    return settled
+
+
+def lock_store(db_path: str | Path):
+    """Hold `<db>.lock` for as long as the returned file stays open; a second scheduler on the
+    same store gets a ScheduleError."""
+    import fcntl
+    import os
+
+    path = Path(f"{Path(db_path).resolve()}.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ScheduleError(f"another scheduler ({holder}) is serving {db_path}; "
+                            "one scheduler per store") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 def record_missed_slots(db_path: str | Path, now: datetime | None = None) -> int:
     """At start-up: every slot since a schedule's last record that is now past its grace time
     (the scheduler was down) gets a `missed` row; returns how many. Slots still within grace are
@@ -262,23 +326,37 @@ def record_missed_slots(db_path: str | Path, now: datetime | None = None) -> int
 
 def serve(db_path: str | Path, refresh_s: float = 5.0) -> None:
     """Run the scheduler until SIGINT/SIGTERM."""
-    from apscheduler.events import EVENT_JOB_MISSED
+    from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
     db_path = Path(db_path).resolve()
+    lock = lock_store(db_path)  # noqa: F841 (held until the process ends)
+    settled = settle_claims(db_path)
+    if settled:
+        log.warning("%d slots claimed by a stopped scheduler were settled", settled)
     missed = record_missed_slots(db_path)
     if missed:
         log.warning("%d slots were missed while the scheduler was down", missed)
     scheduler = _apscheduler(db_path, blocking=True)
 
-    def on_missed(event) -> None:
+    def note(job_id: str, times: list[datetime], status: str, detail: str) -> None:
+        """Slots APScheduler did not run, recorded as such."""
         conn = _db(db_path)
-        slot = event.scheduled_run_time.astimezone(timezone.utc).isoformat()
-        conn.execute("INSERT OR IGNORE INTO firings (schedule_id, slot, recorded_at, status, detail) "
-                     "VALUES (?, ?, ?, 'missed', 'scheduler was down past misfire_grace_s')",
-                     (event.job_id, slot, _now().isoformat()))
-        log.warning("schedule %s: slot %s missed", event.job_id, slot)
+        for time_ in times:
+            slot = time_.astimezone(timezone.utc).isoformat()
+            conn.execute(
+                "INSERT OR IGNORE INTO firings (schedule_id, slot, recorded_at, status, detail) "
+                "VALUES (?, ?, ?, ?, ?)", (job_id, slot, _now().isoformat(), status, detail))
+            log.warning("schedule %s: slot %s %s: %s", job_id, slot, status, detail)
+
+    def on_missed(event) -> None:
+        note(event.job_id, [event.scheduled_run_time], "missed",
+             "scheduler was down past misfire_grace_s")
+
+    def on_busy(event) -> None:  # overlap `queue`: the slot before still waits inside `fire`
+        note(event.job_id, event.scheduled_run_times, "skipped", "an earlier slot was still queued")
 
     scheduler.add_listener(on_missed, EVENT_JOB_MISSED)
+    scheduler.add_listener(on_busy, EVENT_JOB_MAX_INSTANCES)
     # bookkeeping job, in memory only: not part of the persistent schedules
     scheduler.add_jobstore("memory", alias="bookkeeping")
     scheduler.add_job(refresh_statuses, "interval", seconds=refresh_s, args=[str(db_path)],

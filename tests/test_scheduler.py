@@ -42,6 +42,35 @@ def test_missed_slots_are_recorded_once(tmp_path):
     assert [s[17:19] for s in slots] == ["10", "20", "30"]
 
 
+def test_one_scheduler_per_store_and_unsettled_claims_are_kept(tmp_path):
+    """A second scheduler on the same store exits 2; a claim whose cluster cannot be reached
+    stays `claimed` (it is settled at a later start, never guessed)."""
+    from cluster.scheduler import _db
+
+    db = tmp_path / "s.sqlite"
+    conn = _db(db)
+    conn.execute("INSERT INTO schedules VALUES ('s1', 'x.yaml', '0 3 * * *', 'http://127.0.0.1:9', "
+                 "'/r', NULL, 'skip', 5, '2026-01-01T00:00:00+00:00')")
+    conn.execute("INSERT INTO firings (schedule_id, slot, recorded_at, status) VALUES "
+                 "('s1', '2026-01-01T03:00:00+00:00', '2026-01-01T03:00:01+00:00', 'claimed')")
+    first = subprocess.Popen(CLI + ["scheduler", "--db", str(db)], cwd=ROOT,
+                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        _wait_for(lambda: "scheduler up" in (tmp_path / "first.log").read_text(), 60, "start-up")
+        second = subprocess.run(CLI + ["scheduler", "--db", str(db)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"another scheduler (pid {first.pid}) is serving" in second.stderr
+        assert first.poll() is None
+    finally:
+        stop_tree(first)
+    assert first.returncode == 0
+    claim = _firings(db)[0]
+    assert (claim["status"], claim["ray_job_id"]) == ("claimed", None)
+    assert "left claimed" in (tmp_path / "first.log").read_text()
+
+
 def _job_info(head: str, job_id: str) -> dict:
     request = urllib.request.Request(f"{head}/api/jobs/{job_id}",
                                      headers={"Authorization": f"Bearer {TOKEN}"})
@@ -63,7 +92,8 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 @pytest.mark.ray
-def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digits_teacher):
+def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digits_teacher,
+                                                            monkeypatch):
     spec = quick_digits_spec("scheduled-digits", "scheduled", epochs=3, teacher=digits_teacher,
                              recurring={"cron": "*/10 * * * * *", "overlap": "skip",
                                         "misfire_grace_s": 5})
@@ -90,10 +120,23 @@ def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digi
     finally:
         stop_tree(scheduler)
     down_at = datetime.now(timezone.utc)
+    # as if the scheduler had died after Ray took the first slot's job but before it recorded it,
+    # and after it claimed a slot but before it submitted anything
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE firings SET status = 'claimed', ray_job_id = NULL WHERE slot = ?",
+                 (first[0]["slot"],))
+    conn.execute("INSERT INTO firings (schedule_id, slot, recorded_at, status) VALUES "
+                 "(?, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00', 'claimed')",
+                 (schedule_id,))
+    conn.close()
     time.sleep(22)  # a 10 s cron: slots pass, and their 5 s grace too, while it is down
     scheduler = start("scheduler-2.log")
     try:
         _wait_for(lambda: [f for f in _firings(db) if f["status"] == "missed"], 30, "missed slots")
+        settled = {f["slot"]: f for f in _firings(db)}
+        assert settled[first[0]["slot"]]["status"] == "submitted"
+        assert settled[first[0]["slot"]]["ray_job_id"] == first[0]["ray_job_id"]
+        assert settled["2026-01-01T00:00:00+00:00"]["status"] == "interrupted"
         # after the restart the schedule fires again once the first run has ended
         _wait_for(lambda: len([f for f in _firings(db) if f["ray_job_id"]]) >= 2, 240,
                   "a second submission")
@@ -117,3 +160,14 @@ def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digi
     listed = subprocess.run(CLI + ["schedule", "list", "--db", str(db)], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     assert schedule_id in listed.stdout and "missed" in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    # the cluster itself refuses a second run of a slot: its submission id is taken
+    from cluster import jobs, scheduler as schedules
+    from specs import load_spec
+
+    for key, value in env.items():
+        if key.startswith("RAY_AUTH"):
+            monkeypatch.setenv(key, value)
+    with pytest.raises(jobs.JobExists):
+        jobs.submit(load_spec(spec_path), head, run_dir=str(tmp_path / "again"),
+                    submission_id=schedules.submission_id(schedule_id, first[0]["slot"]))
