@@ -36,26 +36,33 @@ def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
 def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[None]:
     """Start a local Ray cluster for one job and stop it afterwards.
 
-    The dashboard (needed by Ray Train's state queries) listens on 127.0.0.1 only.
+    The dashboard (needed by Ray Train's state queries) listens on 127.0.0.1 only. A watcher
+    (cluster/reaper.py) stops the processes a killed driver's cluster would leave behind.
     """
     cpus = num_cpus or os.cpu_count() or 1
     check_cpus(spec, cpus, "this machine")  # before anything starts
     import ray
 
-    ray.init(
-        address="local",  # always a new cluster, even when RAY_ADDRESS names another one
-        num_cpus=cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        logging_level="warning",
-    )
+    from cluster.reaper import Reaper
+
+    reaper = Reaper()
     try:
-        check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
-        check_placement(spec, ray.nodes())
-        yield
+        ray.init(
+            address="local",  # always a new cluster, even when RAY_ADDRESS names another one
+            num_cpus=cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            logging_level="warning",
+        )
+        try:
+            check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
+            check_placement(spec, ray.nodes())
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        reaper.done()
 
 
 def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
