@@ -281,24 +281,13 @@ def settle_claims(db_path: str | Path) -> int:
 def lock_store(db_path: str | Path):
     """Hold `<db>.lock` for as long as the returned file stays open; a second scheduler on the
     same store gets a ScheduleError."""
-    import fcntl
-    import os
+    from orchestrator.locks import LockHeld, exclusive_lock
 
-    path = Path(f"{Path(db_path).resolve()}.lock")
-    handle = open(path, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ScheduleError(f"another scheduler ({holder}) is serving {db_path}; "
+        return exclusive_lock(Path(f"{Path(db_path).resolve()}.lock"))
+    except LockHeld as held:
+        raise ScheduleError(f"another scheduler ({held}) is serving {db_path}; "
                             "one scheduler per store") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
 
 
 def record_missed_slots(db_path: str | Path, now: datetime | None = None) -> int:

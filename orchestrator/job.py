@@ -63,6 +63,7 @@ def run_job(
         blob = teacher_file.read_bytes()
         given_teacher = (blob, load_teacher(spec.teacher, blob, data.image_shape, data.num_classes))
     run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
+    lock = _lock_run_dir(run_path)  # noqa: F841 (held until this process ends)
     digest = _claim_run_dir(spec, run_path)
     job_id = uuid.uuid4().hex[:12]
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
@@ -233,6 +234,19 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str,
         _say(f"logit cache: wrote {folder} ({len(data.x_train):,} samples, "
              f"{spec.logits.mode}) in {time.perf_counter() - started:.1f}s")
     return str(root), key
+
+
+def _lock_run_dir(run_path: Path):
+    """One job at a time in a run dir: a second `stillhouse run` there would train beside the
+    first and race it to the same checkpoints."""
+    from orchestrator.locks import LockHeld, exclusive_lock
+
+    run_path.mkdir(parents=True, exist_ok=True)
+    try:
+        return exclusive_lock(run_path / ".lock")
+    except LockHeld as held:
+        raise RunDirError(f"{run_path} is in use by a running job ({held}); wait for it to end "
+                          "or stop it, or use another --run-dir") from None
 
 
 def _claim_run_dir(spec: JobSpec, run_path: Path) -> str:
