@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -36,6 +37,26 @@ def token_env(token: str | None) -> dict:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN"] = token
     return env
+
+
+CPUS = ("import json, ray; ray.init(address='{gcs}', logging_level='error'); "
+        "print(json.dumps([ray.available_resources().get('CPU', 0.0), "
+        "ray.cluster_resources().get('CPU', 0.0)]))")
+
+
+def wait_until_idle(head: "HeadAddress", timeout: float = 60) -> tuple[float, float]:
+    """Wait until every CPU of the cluster is free again (a finished or stopped job returned its
+    actors' and workers' CPUs); returns (available, total). Asks through a fresh driver, which
+    holds no CPU itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run([sys.executable, "-c", CPUS.format(gcs=head.gcs)],
+                             env=token_env(TOKEN), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        available, total = json.loads(out.stdout.strip().splitlines()[-1])
+        if available == total or time.monotonic() > deadline:
+            return available, total
+        time.sleep(2)
 
 
 class HeadAddress(str):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_head import TOKEN, token_env
+from ray_head import TOKEN, token_env, wait_until_idle
 from test_job_ray import quick_digits_spec
 
 pytestmark = pytest.mark.ray
@@ -59,15 +59,18 @@ def test_submit_follow_and_find_the_report(head, tmp_path, digits_teacher):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
     assert TOKEN not in listed.stdout
+    available, total = wait_until_idle(head)
+    assert available == total == 2.0  # every CPU the job's actors and workers held is back
 
 
 def test_stop_a_running_job(head, tmp_path, digits_teacher):
     spec = _small_spec(tmp_path, "to-stop", digits_teacher)
     submitted = cli(["submit", str(spec), "--address", head, "--run-dir", str(tmp_path / "run")])
     job_id = submitted.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 120
-    while cli(["status", job_id, "--address", head]).stdout.strip() == "PENDING":
-        assert time.monotonic() < deadline
+    deadline = time.monotonic() + 180
+    # stopped while its student workers train: replicas and workers hold CPUs then
+    while "[student] student-00-dense" not in cli(["logs", job_id, "--address", head]).stdout:
+        assert time.monotonic() < deadline, "the student never started"
         time.sleep(1)
     stopped = cli(["stop", job_id, "--address", head])
     assert stopped.returncode == 0
@@ -78,6 +81,8 @@ def test_stop_a_running_job(head, tmp_path, digits_teacher):
         time.sleep(1)
     assert state == "STOPPED"
     assert not (tmp_path / "run" / "report.json").exists()
+    available, total = wait_until_idle(head)
+    assert available == total == 2.0  # the stopped job's replicas and workers are gone
 
 
 def test_requests_without_the_token_are_refused(head):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -22,8 +21,8 @@ import psutil
 import pytest
 import torch
 
-from test_job_ray import ROOT, STILLHOUSE, _env, _kill_tree, check_pruned_checkpoints, \
-    quick_digits_spec, write_spec
+from test_job_ray import ROOT, STILLHOUSE, _env, _kill_tree, assert_nothing_left, \
+    check_pruned_checkpoints, quick_digits_spec, write_spec
 from trainers.data import epoch_shard
 from trainers.export import load_compressed
 
@@ -40,17 +39,6 @@ def _descendants(root: psutil.Process, text: str) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return found
-
-
-def _session_processes(sid: int) -> list[psutil.Process]:
-    left = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                left.append(p)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            pass
-    return left
 
 
 def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_teacher):
@@ -120,11 +108,7 @@ def test_worker_killed_mid_round_resumes_with_planned_steps(tmp_path, digits_tea
     assert report["export"]["accuracy"] > 0.8
     assert any(s["name"] == "post-training ternary (no fine-tuning)" for s in report["stages"])
 
-    # nothing of this job is left running (raylets, workers, replicas)
-    deadline = time.monotonic() + 30
-    while _session_processes(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _session_processes(proc.pid), [p.cmdline() for p in _session_processes(proc.pid)]
+    assert_nothing_left(proc.pid)  # no raylet, worker or replica of this job is left running
 
 
 def test_teacher_dying_past_its_restart_budget_fails_the_job_cleanly(tmp_path, digits_teacher):
@@ -159,7 +143,4 @@ def test_teacher_dying_past_its_restart_budget_fails_the_job_cleanly(tmp_path, d
     assert not (checkpoints / "student-00-dense" / "COMPLETE.json").exists()
     assert not (checkpoints / "student-01-round1").exists()
     assert not (run_dir / "report.json").exists()
-    deadline = time.monotonic() + 30
-    while _session_processes(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _session_processes(proc.pid), [p.cmdline() for p in _session_processes(proc.pid)]
+    assert_nothing_left(proc.pid)

@@ -66,6 +66,26 @@ def _env() -> dict:
     return env
 
 
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Every process of session `sid` (a job started with `start_new_session=True`)."""
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                left.append(p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+    return left
+
+
+def assert_nothing_left(sid: int, timeout: float = 30) -> None:
+    """No process of the job's session (raylet, GCS, workers, replicas, wandb) outlives it."""
+    deadline = time.monotonic() + timeout
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not session_processes(sid), [p.cmdline() for p in session_processes(sid)]
+
+
 def run_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(STILLHOUSE + args, cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
@@ -203,33 +223,55 @@ def test_killed_job_resumes_after_last_finished_round(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
+        while not (run_dir / "spec.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        # one job at a time in a run dir: a second run there is refused, and the first goes on
+        second = run_cli(["run", str(spec_path), "--run-dir", str(run_dir)])
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "is in use by a running job (pid " in second.stderr
         while not marker.exists():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "round 1 never committed"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc)
+        proc.send_signal(signal.SIGKILL)  # the driver alone, as a user's `kill -9` would
+        proc.wait(timeout=30)
         log.close()
+    try:  # its embedded cluster, worker groups and wandb processes go down with it
+        assert_nothing_left(proc.pid, timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert not (run_dir / "report.json").exists()
+    # the workers can outlive a killed driver by a moment and commit one more phase
+    names = ["student-00-dense", "student-01-round1", "student-02-round2", "student-03-round3"]
+    committed = [n for n in names if (run_dir / "checkpoints" / n / "COMPLETE.json").exists()]
+    assert committed == names[: len(committed)] and len(committed) >= 2
     done_before = {n: (run_dir / "checkpoints" / n / "COMPLETE.json").stat().st_mtime_ns
-                   for n in ("teacher", "student-00-dense", "student-01-round1")}
-    round1 = json.loads(marker.read_text())["meta"]
+                   for n in ["teacher", *committed]}
+    metas_before = [json.loads((run_dir / "checkpoints" / n / "COMPLETE.json").read_text())["meta"]
+                    for n in committed]
 
     result = subprocess.run(STILLHOUSE + ["run", str(spec_path), "--run-dir", str(run_dir)],
                             cwd=ROOT, env=_env_with_secrets(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "teacher: done in an earlier run, skipped" in result.stdout
-    assert "resuming after student-01-round1" in result.stdout
-    assert "[student] student-00-dense (1/4) epoch" not in result.stdout
-    assert "[student] student-01-round1 (2/4) epoch" not in result.stdout
-    assert "[student] student-02-round2 (3/4) epoch 1/2" in result.stdout
-    for name, mtime in done_before.items():  # finished work was not redone or rewritten
+    for i, name in enumerate(committed):  # finished work was not redone or rewritten
+        assert f"[student] {name} ({i + 1}/4) epoch" not in result.stdout
+    for name, mtime in done_before.items():
         assert (run_dir / "checkpoints" / name / "COMPLETE.json").stat().st_mtime_ns == mtime
-
     metas = check_pruned_checkpoints(run_dir, rounds=3)
-    assert metas[1] == round1
-    assert metas[2]["global_step"] == round1["global_step"] + metas[2]["steps"]
+    assert metas[: len(committed)] == metas_before
+    if len(committed) < len(names):
+        k = len(committed)
+        assert f"resuming after {committed[-1]}" in result.stdout
+        assert f"[student] {names[k]} ({k + 1}/4) epoch 1/2" in result.stdout
+        assert metas[k]["global_step"] == metas_before[-1]["global_step"] + metas[k]["steps"]
+    round1 = metas_before[1]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rounds"][0]["accuracy"] == round1["accuracy"]
     assert report["final"]["sparsity"] == pytest.approx(0.75, abs=1e-3)
