@@ -137,3 +137,34 @@ def test_binary_fake_quant_training_keeps_masks_and_learns():
     assert torch.equal(q == 0, ~engine.masks["net.2.weight"])
     rows = [r[r != 0].abs() for r in q]
     assert all(torch.allclose(r, r[:1].expand_as(r)) for r in rows if len(r))
+
+
+class _Planted:
+    """A pickle that runs a command when it is loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_deepspeed_checkpoints_load_weights_only(tmp_path):
+    engine = _engine("bf16", 1)
+    for _ in range(3):
+        engine.train_step(*_batch(), 2.0, 0.5)
+    engine.save_deepspeed(str(tmp_path / "ds"), tag="t")
+    saved = engine.full_fp32_weights()
+
+    fresh = _engine("bf16", 1)  # DeepSpeed's own files, types and all, load weights-only
+    fresh.load_deepspeed(str(tmp_path / "ds"), tag="t")
+    for name, weight in fresh.full_fp32_weights().items():
+        assert torch.equal(weight, saved[name]), name
+
+    # a tampered optimizer file: refused, and the code it carries never runs
+    marker = tmp_path / "ran"
+    (optim,) = (tmp_path / "ds" / "t").glob("*optim_states.pt")
+    torch.save({"planted": _Planted(marker)}, optim)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _engine("bf16", 1).load_deepspeed(str(tmp_path / "ds"), tag="t")
+    assert not marker.exists()

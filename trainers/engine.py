@@ -67,6 +67,7 @@ class DistillEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config
         )
+        self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine)
         self.module: nn.Module = self.engine.module
         self.dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
         self.prunable = prunable_parameters(self.module, spec.pruning)
@@ -242,6 +243,33 @@ class DistillEngine:
         if path is None:  # DeepSpeed returns None instead of raising when nothing was loaded
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {folder}")
         self.enforce_masks()
+
+
+def _weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`.
+
+    DeepSpeed 0.19 reads its `.pt` files with `torch.load(weights_only=False)`, which runs any
+    code a tampered file carries. Its files hold tensors, plain containers and three DeepSpeed
+    types; only those are allowed here, so a resume never unpickles anything else.
+    """
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:  # another engine would load its own way
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}")
+    replacement = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    replacement.__dict__.update(current.__dict__)  # same settings (serialization format, name)
+    return replacement
 
 
 def set_distributed_env(rank: int, local_rank: int, world_size: int, local_world_size: int) -> None:
