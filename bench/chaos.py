@@ -9,14 +9,16 @@ repeated `--repeats` times:
   unfaulted teacher's (a ledger of batch ids, compared bit for bit);
 * F3 a student worker SIGKILLed in the middle of a pruning round of a real job: Ray Train restarts
   the worker group, which resumes after the last committed round;
-* F6 the whole job (driver, embedded cluster, workers) SIGKILLed after a round commits, and the
-  same command run again: it resumes after that round.
+* F6 the job's driver SIGKILLed (as `kill -9 PID` would) somewhere in round 2, and the same
+  command run again: it resumes after the last committed round. Before the rerun it counts the
+  processes of the killed job still alive 60 s later (Ray's, wandb's: there must be none).
 
 For the jobs it reports checkpoints committed, partial checkpoints left on disk and loaded (a
 partial one must never be loaded: the job only reads folders sealed by COMPLETE.json), the
 recovery time (F3: from the kill to the restarted group's "[resume]" line; F6: from the rerun's
-start to its first training epoch), and the final accuracy against an unfaulted run of the same
-spec.
+start to its first training epoch), the final accuracy against an unfaulted run of the same
+spec, and W&B: the jobs log offline, and across a job's runs (the faulted one and its resume) every
+planned step (each 10th, and each phase's end) must be in the `.wandb` files exactly once.
 
     .venv/bin/python bench/chaos.py --json bench/results/chaos.json
 
@@ -45,6 +47,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 STILLHOUSE = [sys.executable, "-m", "orchestrator.cli"]
+LOG_EVERY = 10
 
 
 def job_spec(args: argparse.Namespace, name: str) -> dict:
@@ -60,7 +63,7 @@ def job_spec(args: argparse.Namespace, name: str) -> dict:
         "precision": "bf16", "deepspeed": {"zero_stage": 1},
         "resources": {"teacher_replicas": 1, "teacher_cpus": 0.5, "student_workers": 2,
                       "student_cpus": 0.5, "worker_max_failures": 2},
-        "wandb": {"mode": "disabled"},
+        "wandb": {"mode": "offline", "log_every_steps": LOG_EVERY},
     }
 
 
@@ -151,6 +154,39 @@ def _count_checkpoints(out: dict, run_dir: Path, log: Path) -> None:
     out["partial_loaded"] += _loaded_partial(run_dir, log.read_text())
 
 
+def _count_wandb_steps(out: dict, run_dir: Path) -> None:
+    """Planned student steps logged more than once, or never, across all of a job's W&B runs."""
+    from orchestrator.wandb_file import job_history
+
+    metas = [json.loads(p.read_text())["meta"]
+             for p in sorted((run_dir / "checkpoints").glob("student-*/COMPLETE.json"))]
+    steps = [r["_step"] for r in job_history(run_dir, "student-workers") if "_step" in r]
+    planned = set(range(LOG_EVERY, metas[-1]["global_step"] + 1, LOG_EVERY)) | {
+        m["global_step"] for m in metas}
+    out["wandb_planned"] += len(planned)
+    out["wandb_duplicated"] += len(steps) - len(set(steps))
+    out["wandb_missing"] += len(planned - set(steps))
+
+
+def _session_left(sid: int, wait_s: float) -> int:
+    """Processes of session `sid` still alive after up to `wait_s` seconds."""
+    import psutil
+
+    def alive() -> int:
+        n = 0
+        for p in psutil.process_iter():
+            try:
+                n += os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
+        return n
+
+    deadline = time.monotonic() + wait_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive()
+
+
 def _final_accuracy(run_dir: Path) -> float:
     return json.loads((run_dir / "report.json").read_text())["final"]["accuracy"]
 
@@ -231,7 +267,8 @@ def fault_f1(args: argparse.Namespace, rng: random.Random) -> dict:
 def _job_tally() -> dict:
     """The counts F3 and F6 report, before any fault."""
     return {"injected": 0, "survived": 0, "checkpoints_committed": 0, "partial_left": 0,
-            "partial_loaded": 0, "recovery_s": [], "accuracy_gap": []}
+            "partial_loaded": 0, "recovery_s": [], "accuracy_gap": [], "wandb_planned": 0,
+            "wandb_duplicated": 0, "wandb_missing": 0}
 
 
 def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
@@ -259,11 +296,12 @@ def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
         if rc == 0:
             out["survived"] += 1
             out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
+            _count_wandb_steps(out, run_dir)
     return out
 
 
 def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
-    out = _job_tally()
+    out = {**_job_tally(), "processes_left": 0}
     for r in range(args.repeats):
         run_dir, log = work / f"f6-{r}", work / f"f6-{r}.log"
         proc = _start(spec_path, run_dir, log, args.data_dir)
@@ -272,8 +310,11 @@ def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
             _wait_for(marker.exists, proc, 900, "round 1")
             time.sleep(random.uniform(0.0, 3.0))  # somewhere in round 2
         finally:
-            _kill_tree(proc)
+            proc.send_signal(signal.SIGKILL)  # the driver alone
+            proc.wait(timeout=60)
         out["injected"] += 1
+        out["processes_left"] += _session_left(proc.pid, 60)
+        _kill_tree(proc)  # whatever is left, so that the rerun starts clean
         before = len(log.read_text())
         rerun = _start(spec_path, run_dir, log, args.data_dir)
         started = time.monotonic()
@@ -288,6 +329,7 @@ def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
         if rc == 0 and "resuming after student-0" in log.read_text()[before:]:
             out["survived"] += 1
             out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
+            _count_wandb_steps(out, run_dir)
     return out
 
 
@@ -297,9 +339,9 @@ def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
 def summary_table(result: dict) -> str:
     rows = [("fault", "injected", "survived", "batches planned/unique/dup/lost",
              "ckpts committed / partial left / partial loaded", "recovery s (median, max)",
-             "accuracy gap (max |.|)")]
+             "accuracy gap (max |.|)", "W&B steps planned/dup/missing", "procs left")]
     for key, label in (("f1", "F1 replica killed"), ("f3", "F3 worker killed"),
-                       ("f6", "F6 job killed, rerun")):
+                       ("f6", "F6 driver killed, rerun")):
         r = result[key]
         rec = r["recovery_s"]
         batches = "-"
@@ -310,8 +352,11 @@ def summary_table(result: dict) -> str:
         ckpts = "-" if "checkpoints_committed" not in r else (
             f"{r['checkpoints_committed']} / {r['partial_left']} / {r['partial_loaded']}")
         gap = "-" if not r.get("accuracy_gap") else f"{max(abs(g) for g in r['accuracy_gap']):.4f}"
+        steps = "-" if "wandb_planned" not in r else (
+            f"{r['wandb_planned']}/{r['wandb_duplicated']}/{r['wandb_missing']}")
         rows.append((label, str(r["injected"]), str(r["survived"]), batches, ckpts,
-                     f"{statistics.median(rec):.1f}, {max(rec):.1f}" if rec else "-", gap))
+                     f"{statistics.median(rec):.1f}, {max(rec):.1f}" if rec else "-", gap, steps,
+                     str(r.get("processes_left", "-"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
