@@ -31,6 +31,9 @@ class JobError(RuntimeError):
     """The job could not finish; what was committed before the failure stays on disk."""
 
 
+WORKERS_GONE_S = 120.0  # how long a new driver waits for an earlier run's workers to exit
+
+
 class RunDirError(ValueError):
     """The run dir belongs to a different spec."""
 
@@ -239,14 +242,22 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str,
 def _lock_run_dir(run_path: Path):
     """One job at a time in a run dir: a second `stillhouse run` there would train beside the
     first and race it to the same checkpoints."""
-    from orchestrator.locks import LockHeld, exclusive_lock
+    from orchestrator.locks import RUN_LOCK, WORKERS_LOCK, LockHeld, exclusive_lock, wait_until_free
 
     run_path.mkdir(parents=True, exist_ok=True)
     try:
-        return exclusive_lock(run_path / ".lock")
+        lock = exclusive_lock(run_path / RUN_LOCK)
     except LockHeld as held:
         raise RunDirError(f"{run_path} is in use by a running job ({held}); wait for it to end "
                           "or stop it, or use another --run-dir") from None
+    # the workers of a driver killed a moment ago may still be finishing a phase there
+    workers = run_path / WORKERS_LOCK
+    if not wait_until_free(workers, timeout=1.0):
+        _say("waiting for the workers of an earlier run of this run dir to exit")
+        if not wait_until_free(workers, timeout=WORKERS_GONE_S):
+            raise RunDirError(f"workers of an earlier run still hold {workers} after "
+                              f"{WORKERS_GONE_S:.0f} s; stop them (`ray stop`) and run again")
+    return lock
 
 
 def _claim_run_dir(spec: JobSpec, run_path: Path) -> str:

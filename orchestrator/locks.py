@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import IO
 
 
+RUN_LOCK = ".lock"  # in a run dir: held exclusively by the job's driver
+WORKERS_LOCK = ".workers.lock"  # in a run dir: held shared by each of the job's workers
+
+
 class LockHeld(Exception):
     """Another live process holds the lock; the message names it (`pid N`)."""
 
@@ -32,3 +36,27 @@ def exclusive_lock(path: Path) -> IO:
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return handle
+
+
+def shared_lock(path: Path) -> IO:
+    """Take a shared hold on `path` (many holders at once); keep the file open to keep it."""
+    handle = open(path, "a+")
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
+
+
+def wait_until_free(path: Path, timeout: float, poll: float = 0.5) -> bool:
+    """Wait until no process holds `path` (shared or exclusive); False if `timeout` passed."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(poll)

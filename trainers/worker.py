@@ -29,6 +29,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from orchestrator.locks import WORKERS_LOCK, shared_lock
 from orchestrator.tracking import Tracker
 from specs.job import JobSpec
 from trainers import checkpoint
@@ -82,6 +83,8 @@ def train_worker(config: dict) -> None:
         world_size=world, teacher_feature_shapes=teacher_shapes,
     )
 
+    # held while this worker lives: a new driver for this run dir waits until it has gone
+    workers_lock = shared_lock(Path(req.run_dir) / WORKERS_LOCK)  # noqa: F841
     root = Path(req.run_dir) / "checkpoints"
     done = checkpoint.complete_checkpoints(root, [p.name for p in phases])
     global_step = 0
