@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = _final_accuracy(ref_dir)
     print("[chaos] F3: a student worker killed in round 2", flush=True)
     f3 = fault_f3(args, work, spec_path, reference)
-    print("[chaos] F6: the job killed in round 2, then run again", flush=True)
+    print("[chaos] F6: the driver killed in round 2, then the job run again", flush=True)
     f6 = fault_f6(args, work, spec_path, reference)
     result = {"f1": f1, "f3": f3, "f6": f6, "unfaulted_accuracy": reference,
               "config": {"repeats": args.repeats, "train_limit": args.train_limit,
