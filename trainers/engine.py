@@ -26,7 +26,7 @@ from specs.job import JobSpec
 from trainers.engine_config import deepspeed_config
 from trainers.features import FeatureTap, feature_loss
 from trainers.kd_loss import kd_loss
-from trainers.pruning import GlobalMagnitudePruner, apply_masks_, prunable_parameters
+from trainers.pruning import GlobalMagnitudePruner, prunable_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,6 +72,7 @@ class DistillEngine:
         self.dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
         self.prunable = prunable_parameters(self.module, spec.pruning)
         self.masks: dict[str, torch.Tensor] = {}
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.nonfinite_steps = 0
         self._hooks_installed = False
         self._unfused_masters = _unfused_master_copies(self.optimizer)
@@ -194,6 +195,7 @@ class DistillEngine:
 
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         self.masks = {name: m.bool() for name, m in masks.items()}
+        self._mask_cache = {}  # the masks as 0/1 tensors, per dtype and fragment
         if not self._hooks_installed:
             for name, p in self.prunable.items():
                 # reads self.masks at call time, so later rounds' masks apply without new hooks
@@ -201,20 +203,31 @@ class DistillEngine:
             self._hooks_installed = True
         self.enforce_masks()
 
+    def _mask_as(self, name: str, dtype: torch.dtype, start: int = 0, numel: int | None = None,
+                 shape: torch.Size | None = None) -> torch.Tensor:
+        """Mask `name` (or the flat slice of it that a master fragment covers) as 0/1 values of
+        `dtype`: converted once per round, not on every step."""
+        key = (name, dtype, start, numel)
+        cached = self._mask_cache.get(key)
+        if cached is None:
+            mask = self.masks[name]
+            if numel is not None:
+                mask = mask.flatten()[start : start + numel].view(shape)
+            cached = self._mask_cache[key] = mask.to(dtype)
+        return cached
+
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        mask = self.masks.get(name)
-        return grad if mask is None else grad * mask.to(grad.dtype)
+        return grad * self._mask_as(name, grad.dtype) if name in self.masks else grad
 
     @torch.no_grad()
     def enforce_masks(self) -> None:
-        if not self.masks:
-            return
-        apply_masks_(self.prunable, self.masks)
-        for name, mask in self.masks.items():
-            frag = self._master_fragment(self.prunable[name])
+        for name in self.masks:
+            p = self.prunable[name]
+            p.mul_(self._mask_as(name, p.dtype))
+            frag = self._master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
-                hp.mul_(mask.flatten()[start : start + numel].view_as(hp).to(hp.dtype))
+                hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape))
 
     @torch.no_grad()
     def masked_nonzero(self) -> tuple[int, int]:

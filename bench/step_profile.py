@@ -1,0 +1,123 @@
+"""Where a student step's time goes: one optimizer step of the throughput benchmark's student
+(MLP 784-300-100-10, Hinton KD loss, batch 256), in one process, as a plain PyTorch loop and
+through stillhouse's DeepSpeed engine, dense and with 50% of the weights pruned (masks on).
+
+Not a test. It explains `bench/throughput.py`'s ratios: on two cores the pipeline can only beat
+the hand-written loop if its steps cost no more than the loop's, and they do.
+
+    .venv/bin/python bench/step_profile.py                 # 2 and 1 threads
+    .venv/bin/python bench/step_profile.py --json bench/results/step-profile.json
+
+JSON: {"threads": {N: {variant: ms per step}}, "batch": B}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from specs import parse_spec  # noqa: E402
+from trainers.engine import DistillEngine, set_distributed_env  # noqa: E402
+from trainers.kd_loss import kd_loss  # noqa: E402
+from trainers.models import MLP  # noqa: E402
+
+HIDDEN = [300, 100]
+
+
+def ms_per_step(step, repeats: int) -> float:
+    for _ in range(20):  # warm-up: allocator, oneDNN kernels
+        step()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def profile(batch: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    teacher = torch.randn(batch, 10)
+    out = {}
+    for name, cast in (("plain fp32", False), ("plain bf16 autocast", True)):
+        model = MLP(784, HIDDEN, 10)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, optimizer=optimizer, cast=cast):
+            with autocast(cast):
+                logits = model(x)
+            loss, _ = kd_loss(logits.float(), teacher, y, 4.0, 0.7)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        out[name] = ms_per_step(step, repeats)
+    for precision, zero, cast in (("bf16", 0, False), ("bf16", 1, False), ("fp32", 0, False),
+                                  ("fp32", 0, True)):
+        spec = parse_spec({
+            "name": "profile", "data": {"kind": "digits"},
+            "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [16]}},
+            "student": {"model": {"kind": "mlp", "hidden": HIDDEN}},
+            "precision": precision, "deepspeed": {"zero_stage": zero},
+        })
+        engine = DistillEngine(MLP(784, HIDDEN, 10), spec, lr=1e-3, micro_batch=batch,
+                               weight_decay=0.0, grad_clip=0.0, world_size=1)
+
+        def step(engine=engine, cast=cast):
+            with autocast(cast):
+                engine.train_step(x, y, teacher, 4.0, 0.7)
+
+        label = f"deepspeed {precision} ZeRO {zero}" + (" + autocast" if cast else "")
+        out[label] = ms_per_step(step, repeats)
+        engine.prune_to(0.5)
+        out[label + ", 50% pruned"] = ms_per_step(step, repeats)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    with socket.socket() as s:  # a gloo group of one, as a single Ray Train worker has
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(s.getsockname()[1])
+    set_distributed_env(0, 0, 1, 1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    result = {"batch": args.batch, "threads": {}}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        result["threads"][threads] = profile(args.batch, args.repeats)
+    names = list(next(iter(result["threads"].values())))
+    width = max(map(len, names))
+    print(f"{'ms per step, batch ' + str(args.batch):<{width}}  " +
+          "  ".join(f"{t} thread{'s' if t > 1 else ''}".rjust(9) for t in args.threads))
+    for name in names:
+        print(f"{name:<{width}}  " + "  ".join(f"{result['threads'][t][name]:9.2f}"
+                                             for t in args.threads))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
