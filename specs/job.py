@@ -158,7 +158,7 @@ class LogitsSpec(Strict):
     top_k: int = Field(5, ge=1)
     cache_dir: str | None = Field(None, description="default: <run_dir>/../logit-cache")
     shard_size: int = Field(8192, ge=1, description="samples per cache shard")
-    max_shards_in_memory: int = Field(4, ge=1, description="bounds a reader's memory")
+    max_shards_in_memory: int = Field(16, ge=1, description="shards a reader keeps mapped")
 
 
 # ------------------------------------------------------------------------------------ pruning

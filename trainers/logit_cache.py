@@ -9,8 +9,11 @@ Layout, readable by any safetensors reader (numpy, torch, Rust):
 
 The key hashes the teacher file's bytes, the preprocessed training inputs, the teacher precision
 and (for top-k) k and the temperature, so a changed teacher or dataset never serves stale logits.
-A cache is written under `.partial-<key>` and renamed into place when complete. Readers load
-shards lazily and keep at most `max_shards_in_memory` of them.
+A cache is written under `.partial-<key>` and renamed into place when complete. Readers map
+shards into memory lazily (a safetensors file is a JSON header and raw arrays, so each tensor is
+a read-only `numpy.memmap` at its offset): a batch reads only the rows it asks for, and at most
+`max_shards_in_memory` shards stay mapped (least recently used go first; a batch visits the
+mapped ones before it maps others).
 
 Top-k approximation: for each sample the cache keeps the k largest logits t_i and
 lse = logsumexp(t / T) over all classes, so the k largest teacher probabilities at temperature T,
@@ -117,6 +120,32 @@ class CacheWriter:
         return final
 
 
+SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "I32": np.int32}
+
+
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memmap (nothing is read until used).
+
+    The format: an 8-byte little-endian header length, a JSON header giving each tensor's
+    dtype, shape and byte range, then the raw little-endian data.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+        shape = tuple(info["shape"])
+        if end - start != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"{path}: tensor {name} has {end - start} bytes for shape {shape}")
+        tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start,
+                                  shape=shape)
+    return tensors
+
+
 class LogitCache:
     """Reads teacher logits for sample indices from a complete cache."""
 
@@ -142,9 +171,7 @@ class LogitCache:
         if i in self._shards:
             self._shards.move_to_end(i)
             return self._shards[i]
-        from safetensors.numpy import load_file
-
-        shard = load_file(str(self.folder / f"shard-{i:05d}.safetensors"))
+        shard = map_safetensors(self.folder / f"shard-{i:05d}.safetensors")
         self.shard_loads += 1
         self._shards[i] = shard
         while len(self._shards) > self.max_shards:
@@ -156,7 +183,10 @@ class LogitCache:
         size = self.manifest["shard_size"]
         shard_of = indices // size
         out = None
-        for shard_id in np.unique(shard_of):
+        # mapped shards first: a shuffled batch touches every shard, and with more shards than
+        # the bound, visiting them in a fixed order would evict each one just before its turn
+        needed = np.unique(shard_of).tolist()
+        for shard_id in sorted(needed, key=lambda i: i not in self._shards):
             rows = np.nonzero(shard_of == shard_id)[0]
             local = indices[rows] - shard_id * size
             shard = self._shard(int(shard_id))
