@@ -61,7 +61,11 @@ def test_pool_that_cannot_be_placed_fails_fast(cluster):
     with pytest.raises(PoolStartError, match="not up after 3s"):
         TeacherPool.start(spec, save(MLP(64, [32], 10).state_dict()), (1, 8, 8), 10)
     assert time.monotonic() - started < 30
-    # the CPUs of the replica that did start are back
+    _assert_all_cpus_back()  # also those of the replica that did start
+
+
+def _assert_all_cpus_back() -> None:
+    """Every CPU of the 2-CPU test cluster is free again (dead and stopped replicas included)."""
     deadline = time.monotonic() + 20
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -91,6 +95,7 @@ def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster):
         assert after[0] != pids[0] and after[1] == pids[1]
     finally:
         pool.shutdown()
+    _assert_all_cpus_back()
 
 
 def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
@@ -106,6 +111,7 @@ def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
             list(stream)
     finally:
         pool.shutdown()
+    _assert_all_cpus_back()
 
 
 def test_requests_from_several_students_share_forwards(cluster):
