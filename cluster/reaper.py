@@ -50,6 +50,22 @@ def _alive(seen: dict[int, float]) -> list[psutil.Process]:
     return left
 
 
+def stop_processes(procs: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM each, then SIGKILL those still running after `grace_s` seconds."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(procs, timeout=grace_s)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(still, timeout=10)
+
+
 def watch(driver_pid: int) -> int:
     """Returns how many processes it had to stop."""
     driver = psutil.Process(driver_pid)
@@ -66,17 +82,7 @@ def watch(driver_pid: int) -> int:
     while _alive(seen) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = _alive(seen)
-    for p in left:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, still = psutil.wait_procs(left, timeout=5)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_processes(left, grace_s=5)
     if left:
         sys.stderr.write(f"[stillhouse] the driver {driver_pid} died; stopped {len(left)} "
                          "processes its Ray cluster left behind\n")

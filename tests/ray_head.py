@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+from cluster.reaper import stop_processes
 
 BIN = Path(sys.executable).parent
 TOKEN = "stillhouse-test-token-4f1c9a"  # a planted secret: tests check it never lands in a file
@@ -106,17 +107,6 @@ def stop_tree(proc: subprocess.Popen) -> None:
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    stop_processes(tree, grace_s=15)
     if proc.poll() is None:
         proc.wait(timeout=10)
