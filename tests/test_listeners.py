@@ -58,7 +58,9 @@ def test_dashboard_is_loopback_only_and_the_gcs_wants_the_token():
         refused = subprocess.run([sys.executable, "-c", CONNECT, gcs], capture_output=True,
                                  text=True, timeout=120,
                                  env={**env, "RAY_AUTH_MODE": "token",
-                                      "RAY_AUTH_TOKEN": "not-this-clusters-token"})
+                                      "RAY_AUTH_TOKEN": "not-this-clusters-token",
+                                      # two tries, not Ray's default twenty (one a second)
+                                      "RAY_gcs_server_port_wait_time_s": "2"})
         assert refused.returncode != 0 and "Failed to connect" in refused.stderr, refused.stderr
         # the control: the token Ray wrote for this cluster (~/.ray/auth_token) gets in
         accepted = subprocess.run([sys.executable, "-c", CONNECT, gcs], capture_output=True,

@@ -20,6 +20,18 @@ from test_job_ray import quick_digits_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "orchestrator.cli"]
+SUBMIT_AGAIN = """
+import sys
+from cluster import jobs, scheduler
+from specs import load_spec
+spec, head, schedule_id, slot, run_dir = sys.argv[1:]
+try:
+    jobs.submit(load_spec(spec), head, run_dir=run_dir,
+                submission_id=scheduler.submission_id(schedule_id, slot))
+    print("accepted")
+except jobs.JobExists as err:
+    print("refused: JobExists", err)
+"""
 
 
 def test_current_slot_is_the_latest_cron_time_not_after_now():
@@ -92,8 +104,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 @pytest.mark.ray
-def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digits_teacher,
-                                                            monkeypatch):
+def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digits_teacher):
     spec = quick_digits_spec("scheduled-digits", "scheduled", epochs=3, teacher=digits_teacher,
                              recurring={"cron": "*/10 * * * * *", "overlap": "skip",
                                         "misfire_grace_s": 5})
@@ -161,13 +172,10 @@ def test_schedule_fires_survives_restart_and_never_overlaps(head, tmp_path, digi
                             capture_output=True, text=True)
     assert schedule_id in listed.stdout and "missed" in listed.stdout and "SUCCEEDED" in listed.stdout
 
-    # the cluster itself refuses a second run of a slot: its submission id is taken
-    from cluster import jobs, scheduler as schedules
-    from specs import load_spec
-
-    for key, value in env.items():
-        if key.startswith("RAY_AUTH"):
-            monkeypatch.setenv(key, value)
-    with pytest.raises(jobs.JobExists):
-        jobs.submit(load_spec(spec_path), head, run_dir=str(tmp_path / "again"),
-                    submission_id=schedules.submission_id(schedule_id, first[0]["slot"]))
+    # the cluster itself refuses a second run of a slot: its submission id is taken (asked from
+    # a fresh process: Ray keeps the first token a process loaded, maybe another cluster's)
+    again = subprocess.run([sys.executable, "-c", SUBMIT_AGAIN, str(spec_path), head, schedule_id,
+                            first[0]["slot"], str(tmp_path / "again")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith("refused: JobExists"), again.stdout
