@@ -96,7 +96,7 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
     from trainers.plan import TEACHER_CHECKPOINT, student_phases
     from trainers.teacher_pool import TeacherPool
     from trainers.teacher_server import load_teacher
-    from trainers.worker import StageRequest
+    from trainers.worker import StageRequest, stage_tracker
 
     ckpt_root = run_path / "checkpoints"
     started = time.perf_counter()
@@ -105,6 +105,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
     if isinstance(spec.teacher, TrainedTeacher):
         if checkpoint.complete_checkpoints(ckpt_root, [TEACHER_CHECKPOINT]):
             _say("stage 1/4 teacher: done in an earlier run, skipped")
+            stage_tracker(spec, run_path, "teacher", [TEACHER_CHECKPOINT], False, ids,
+                          tracker.mode).finish()
         else:
             _say(f"stage 1/4 teacher: training {spec.teacher.model.kind} for "
                  f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
@@ -142,6 +144,7 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         done = checkpoint.complete_checkpoints(ckpt_root, names)
         if len(done) == len(names):
             _say("stage 3/4 student: every phase done in an earlier run, skipped")
+            stage_tracker(spec, run_path, "student", names, False, ids, tracker.mode).finish()
         else:
             if done:
                 _say(f"stage 3/4 student: resuming after {done[-1]} "

@@ -4,6 +4,7 @@ subprocess so that its process-wide settings start clean."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -53,3 +54,39 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_committed_rows_a_stopped_run_never_wrote_are_logged_once(tmp_path):
+    """A run killed between a phase's commit and its W&B logging: the next run of the job logs
+    that phase's committed rows, and a run after that finds them and logs nothing again."""
+    from orchestrator.wandb_file import job_history
+    from trainers import checkpoint
+
+    root = tmp_path / "checkpoints"
+    checkpoint.begin(root, "student-00-dense")
+    rows = [{"step": s, "row": {"train/loss": 1.0 / s}} for s in (10, 20, 30)]
+    rows[-1]["row"]["eval/accuracy"] = 0.5
+    (checkpoint.partial_path(root, "student-00-dense") / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.commit(root, "student-00-dense", {"global_step": 30})
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from specs import parse_spec
+        from trainers.worker import stage_tracker
+        spec = parse_spec({{"name": "t", "data": {{"kind": "digits"}},
+            "teacher": {{"kind": "train", "model": {{"kind": "mlp", "hidden": [8]}}}},
+            "student": {{"model": {{"kind": "mlp", "hidden": [8]}}}},
+            "wandb": {{"mode": "offline"}}}})
+        stage_tracker(spec, Path({str(tmp_path)!r}), "student", ["student-00-dense"], False,
+                      {{}}, "offline").finish()
+    """)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    for attempt in range(2):
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("logged 3 W&B rows" in result.stdout) == (attempt == 0), result.stdout
+    logged = [r for r in job_history(tmp_path, "student-workers") if "_step" in r]
+    assert sorted(r["_step"] for r in logged) == [10, 20, 30]
+    assert [r["train/loss"] for r in sorted(logged, key=lambda r: r["_step"])] == [0.1, 0.05, 1 / 30]
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1  # the second run started none

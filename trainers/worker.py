@@ -93,21 +93,9 @@ def train_worker(config: dict) -> None:
     todo = phases[len(done) :]
 
     tracker = Tracker(None)
-    job_type = f"{req.stage}-workers"
-    # steps of committed phases that no earlier run of this job got into its W&B file
-    unlogged = _unlogged_rows(root, done, Path(req.run_dir), job_type) if rank == 0 else []
-    if rank == 0 and (todo or unlogged):
-        tracker = Tracker.start(
-            spec, Path(req.run_dir), job_type=job_type, name=f"{spec.name}-{req.stage}",
-            config={"spec": spec.model_dump(mode="json"), "world_size": world,
-                    "resumed_after": done[-1] if done else None, **(req.wandb_config or {})},
-            mode=req.wandb_mode,
-        )
-        for step, row in unlogged:
-            tracker.log(row, step=step)
-        if unlogged:
-            _print0(f"[resume] logged {len(unlogged)} W&B rows of committed phases that the "
-                    "stopped run had not")
+    if rank == 0:
+        tracker = stage_tracker(spec, Path(req.run_dir), req.stage, done, bool(todo),
+                                req.wandb_config, req.wandb_mode, world_size=world)
     client = cache = None
     if student and req.logit_cache:
         cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
@@ -149,6 +137,31 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
 
 
 METRICS_FILE = "metrics.jsonl"  # a phase's W&B rows, committed with its checkpoint
+
+
+def stage_tracker(
+    spec: JobSpec, run_dir: Path, stage: str, done: list[str], training: bool,
+    wandb_config: dict | None, mode: str | None, world_size: int | None = None,
+) -> Tracker:
+    """The stage's W&B run, which first logs the committed rows that no earlier run of this job
+    wrote (it was stopped between a commit and its logging); a no-op tracker when there is neither
+    training nor such a row. The driver calls it too, for a stage with nothing left to train."""
+    job_type = f"{stage}-workers"
+    unlogged = _unlogged_rows(run_dir / "checkpoints", done, run_dir, job_type)
+    if not (training or unlogged):
+        return Tracker(None)
+    tracker = Tracker.start(
+        spec, run_dir, job_type=job_type, name=f"{spec.name}-{stage}",
+        config={"spec": spec.model_dump(mode="json"), "world_size": world_size,
+                "resumed_after": done[-1] if done else None, **(wandb_config or {})},
+        mode=mode,
+    )
+    for step, row in unlogged:
+        tracker.log(row, step=step)
+    if unlogged:
+        _print0(f"[resume] logged {len(unlogged)} W&B rows of committed phases that the stopped "
+                "run had not")
+    return tracker
 
 
 def _unlogged_rows(root: Path, done: list[str], run_dir: Path, job_type: str) -> list:
