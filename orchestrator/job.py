@@ -35,7 +35,7 @@ WORKERS_GONE_S = 120.0  # how long a new driver waits for an earlier run's worke
 
 
 class RunDirError(ValueError):
-    """The run dir belongs to a different spec."""
+    """The run dir cannot take this job: it holds another spec's run, or a running job."""
 
 
 def run_job(
@@ -253,6 +253,9 @@ def _lock_run_dir(run_path: Path):
     except LockHeld as held:
         raise RunDirError(f"{run_path} is in use by a running job ({held}); wait for it to end "
                           "or stop it, or use another --run-dir") from None
+    except OSError as err:  # e.g. ENOLCK: storage without file locks
+        raise RunDirError(f"cannot lock {run_path / RUN_LOCK} ({err.strerror}); a run dir must "
+                          "be on storage that supports file locks") from None
     # the workers of a driver killed a moment ago may still be finishing a phase there
     workers = run_path / WORKERS_LOCK
     if not wait_until_free(workers, timeout=1.0):
