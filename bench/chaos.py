@@ -271,6 +271,15 @@ def _job_tally() -> dict:
             "wandb_duplicated": 0, "wandb_missing": 0}
 
 
+def _tally_run(out: dict, run_dir: Path, log: Path, survived: bool, reference: float) -> None:
+    """Add one faulted job's checkpoints and, if it survived, its accuracy gap and W&B steps."""
+    _count_checkpoints(out, run_dir, log)
+    if survived:
+        out["survived"] += 1
+        out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
+        _count_wandb_steps(out, run_dir)
+
+
 def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
     out = _job_tally()
     for r in range(args.repeats):
@@ -292,11 +301,7 @@ def fault_f3(args, work: Path, spec_path: Path, reference: float) -> dict:
         finally:
             if proc.poll() is None:
                 _kill_tree(proc)
-        _count_checkpoints(out, run_dir, log)
-        if rc == 0:
-            out["survived"] += 1
-            out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
-            _count_wandb_steps(out, run_dir)
+        _tally_run(out, run_dir, log, rc == 0, reference)
     return out
 
 
@@ -325,11 +330,8 @@ def fault_f6(args, work: Path, spec_path: Path, reference: float) -> dict:
         finally:
             if rerun.poll() is None:
                 _kill_tree(rerun)
-        _count_checkpoints(out, run_dir, log)
-        if rc == 0 and "resuming after student-0" in log.read_text()[before:]:
-            out["survived"] += 1
-            out["accuracy_gap"].append(_final_accuracy(run_dir) - reference)
-            _count_wandb_steps(out, run_dir)
+        _tally_run(out, run_dir, log, rc == 0 and "resuming after student-0" in
+                   log.read_text()[before:], reference)
     return out
 
 

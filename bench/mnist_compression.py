@@ -150,14 +150,16 @@ def distilled_spec(args: argparse.Namespace) -> dict:
     return {**raw, **_distil_prune_qat(args, args.schedule)}
 
 
+def _teacher_from(teacher_file: Path) -> dict:
+    """Job 1's trained teacher, loaded from its file by jobs 2 and 3."""
+    return {"kind": "checkpoint", "model": {"kind": "mlp", "hidden": TEACHER_HIDDEN},
+            "path": str(teacher_file)}
+
+
 def lenet5_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
     """Job 3: LeNet-5 distilled from job 1's teacher, pruned by its own schedule, then QAT."""
     raw = _common(args, "bench-mnist-lenet5")
-    raw["teacher"] = {
-        "kind": "checkpoint",
-        "model": {"kind": "mlp", "hidden": TEACHER_HIDDEN},
-        "path": str(teacher_file),
-    }
+    raw["teacher"] = _teacher_from(teacher_file)
     raw["student"] = {"model": {"kind": "lenet5"}, "epochs": args.lenet5_epochs,
                       "lr": args.student_lr, "batch_size": args.batch_size}
     return {**raw, **_distil_prune_qat(args, args.lenet5_schedule)}
@@ -216,11 +218,7 @@ def file_candidates(report: dict, run_dir: Path, data, key: str) -> dict:
 def alone_spec(args: argparse.Namespace, teacher_file: Path) -> dict:
     """Job 2: the same student, same epochs, cross-entropy only (the teacher's weight is 0)."""
     raw = _common(args, "bench-mnist-alone")
-    raw["teacher"] = {
-        "kind": "checkpoint",
-        "model": {"kind": "mlp", "hidden": TEACHER_HIDDEN},
-        "path": str(teacher_file),
-    }
+    raw["teacher"] = _teacher_from(teacher_file)
     raw["distillation"] = {"kind": "hinton", "temperature": args.temperature, "alpha": 0.0}
     raw["pruning"] = {"enabled": False}
     return raw
