@@ -18,14 +18,15 @@ class ClusterResourceError(RuntimeError):
 
 def cpu_demand(spec: JobSpec) -> str:
     r = spec.resources
+    together = "+" if spec.logits.mode == "online" or r.shared_pool else "or, never at once,"
     return (
-        f"{r.total_cpus:g} CPUs ({r.teacher_replicas} teacher replicas x {r.teacher_cpus:g} + "
-        f"{r.student_workers} student workers x {r.student_cpus:g})"
+        f"{spec.total_cpus:g} CPUs ({r.teacher_replicas} teacher replicas x {r.teacher_cpus:g} "
+        f"{together} {r.student_workers} student workers x {r.student_cpus:g})"
     )
 
 
 def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
-    if spec.resources.total_cpus > cpus + 1e-9:
+    if spec.total_cpus > cpus + 1e-9:
         raise ClusterResourceError(
             f"the job asks for {cpu_demand(spec)} but {where} has {cpus:g}; lower "
             "`resources.teacher_replicas`, `resources.student_workers` or their CPUs"

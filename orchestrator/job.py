@@ -137,6 +137,9 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         }
         _say(f"teacher accuracy {teacher['accuracy']:.4f} ({teacher['params']:,} params)")
         tracker.log({"teacher/accuracy": teacher["accuracy"], "teacher/params": teacher["params"]})
+        replica_stats = pool.stats()
+        if logit_cache is not None:  # the workers read the cache: the replicas' CPUs go to them
+            pool.shutdown()
 
         # 3. student: dense distillation and pruning rounds, one worker group --------------
         phases = student_phases(spec)
@@ -158,7 +161,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
                                              data_dir, teacher_replicas=pool.replicas,
                                              logit_cache=logit_cache, wandb_config=ids,
                                              wandb_mode=tracker.mode))
-        replica_stats = pool.stats()
+        if logit_cache is None:
+            replica_stats = pool.stats()
     finally:
         pool.shutdown()
 
@@ -231,7 +235,7 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str,
     root = Path(spec.logits.cache_dir or run_path.parent / "logit-cache").resolve()
     key = cache_key(blob, data.x_train, mode=spec.logits.mode, top_k=spec.logits.top_k,
                     temperature=getattr(spec.distillation, "temperature", 1.0),
-                    precision=spec.precision)
+                    precision=spec.teacher_precision)
     if LogitCache.open(root, key, 1) is not None:
         _say(f"logit cache: reusing {root / key}")
     else:

@@ -321,6 +321,10 @@ class ResourcesSpec(Strict):
     prefetch_batches: int = Field(
         4, ge=1, le=64, description="teacher requests each worker keeps in flight"
     )
+    teacher_request_rows: int = Field(
+        512, ge=1, description="rows a worker asks the teacher for per request: consecutive "
+        "batches share one request until it has this many (fewer round trips per row)",
+    )
     teacher_max_batch: int = Field(
         2048, ge=1, description="rows a replica gathers from all students into one forward"
     )
@@ -344,8 +348,12 @@ class ResourcesSpec(Strict):
     )
 
     @property
-    def total_cpus(self) -> float:
-        return self.teacher_replicas * self.teacher_cpus + self.student_workers * self.student_cpus
+    def teacher_total_cpus(self) -> float:
+        return self.teacher_replicas * self.teacher_cpus
+
+    @property
+    def student_total_cpus(self) -> float:
+        return self.student_workers * self.student_cpus
 
 
 class WandbSpec(Strict):
@@ -435,12 +443,34 @@ class JobSpec(Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     logits: LogitsSpec = Field(default_factory=LogitsSpec)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16_autocast"] = Field(
+        "fp32",
+        description="fp32; bf16: DeepSpeed bf16 (bf16 weights, an fp32 master copy in the "
+        "optimizer); bf16_autocast: fp32 weights and optimizer, forward matmuls in bf16 under "
+        "torch.autocast (DeepSpeed's torch_autocast), fewer copies per step. The teacher "
+        "answers in bf16 under either bf16 mode",
+    )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
     recurring: RecurringSpec = Field(default_factory=RecurringSpec)
     sweep: SweepSpec | None = None
+
+    @property
+    def total_cpus(self) -> float:
+        """CPUs the job holds at once. Online, the teacher replicas serve the workers as they
+        train; with cached logits the replicas fill the cache and answer the test set first, and
+        are gone before the workers start (unless they are a shared pool, which stays)."""
+        r = self.resources
+        if self.logits.mode == "online" or r.shared_pool:
+            return r.teacher_total_cpus + r.student_total_cpus
+        return max(r.teacher_total_cpus, r.student_total_cpus)
+
+    @property
+    def teacher_precision(self) -> str:
+        """The precision the teacher answers in: bf16 under either bf16 mode (the same logits,
+        so the same teacher pool and logit cache serve both)."""
+        return "fp32" if self.precision == "fp32" else "bf16"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":

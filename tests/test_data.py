@@ -84,3 +84,41 @@ def test_epoch_shards_are_disjoint_and_equal():
     assert all((a == b).all() for a, b in zip(again, shards[1]))
     other = epoch_shard(1001, 32, epoch=4, seed=7, rank=1, world_size=3)
     assert not (other[0] == shards[1][0]).all()
+
+
+def test_prefetcher_keeps_order_raises_where_the_source_failed_and_stops_early():
+    import threading
+
+    from trainers.data import Prefetcher
+
+    with Prefetcher(iter(range(50)), depth=3) as items:
+        assert list(items) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        with Prefetcher(failing(), depth=2) as items:
+            for item in items:
+                got.append(item)
+    assert got == [1, 2]  # every item before the failure arrived first
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    prefetcher = Prefetcher(endless(), depth=2)
+    for item in prefetcher:
+        if item == 5:
+            break
+    prefetcher.close()
+    assert not any(t.name == "stillhouse-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 5 + 1 + 2 + 1  # at most `depth` (+ the one being put) ahead

@@ -44,7 +44,10 @@ def _batch():
     return torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.randn(16, 10)
 
 
-@pytest.mark.parametrize("precision,zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 2)])
+@pytest.mark.parametrize("precision,zero_stage", [
+    ("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 2), ("bf16_autocast", 0),
+    ("bf16_autocast", 1),
+])
 def test_masks_hold_through_optimizer_steps(precision, zero_stage):
     engine = _engine(precision, zero_stage)
     for _ in range(3):  # some dense steps first, so Adam has momentum in every weight
@@ -60,6 +63,33 @@ def test_masks_hold_through_optimizer_steps(precision, zero_stage):
         assert not torch.equal(engine.prunable[name].detach()[mask], before[name][mask])  # it trained
     pruned = sum(int((~m).sum()) for m in engine.masks.values())
     assert pruned == round(0.6 * sum(m.numel() for m in engine.masks.values()))
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_runs_the_forward_in_bf16():
+    engine = _engine("bf16_autocast", 0)
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    seen = []
+    engine.module.net[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    assert engine.train_step(*_batch(), 2.0, 0.5) is not None
+    assert seen == [torch.bfloat16]  # DeepSpeed's torch_autocast wraps the engine's forward
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16_autocast"])
+def test_one_rank_zero_0_skips_the_gradient_all_reduce_and_trains_the_same(precision):
+    """A single worker skips DeepSpeed's bucketed all-reduce (the identity over one rank): the
+    weights after some steps equal those of an engine that runs it."""
+    fast, full = _engine(precision, 0), _engine(precision, 0)
+    assert not fast.engine.enable_backward_allreduce
+    full.engine.enable_backward_allreduce = True  # DeepSpeed's default
+    torch.manual_seed(3)
+    for _ in range(4):
+        batch = _batch()
+        fast.train_step(*batch, 2.0, 0.5)
+        full.train_step(*batch, 2.0, 0.5)
+    ref = full.full_fp32_weights()
+    for name, weight in fast.full_fp32_weights().items():
+        assert torch.equal(weight, ref[name]), name
+    assert not torch.equal(ref["net.0.weight"], _engine(precision, 0).full_fp32_weights()["net.0.weight"])
 
 
 def test_nonfinite_losses_are_skipped_then_fail():

@@ -125,3 +125,21 @@ def test_loading_a_spec_imports_no_heavy_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode,shared,expected", [
+    ("online", None, 2 * 0.5 + 3 * 1.0),  # replicas serve the workers while they train
+    ("cached", None, 3 * 1.0),  # replicas fill the cache, then leave before the workers start
+    ("topk", None, 3 * 1.0),
+    ("cached", "pool", 2 * 0.5 + 3 * 1.0),  # a shared pool's replicas stay
+])
+def test_cpus_held_at_once_depend_on_the_teacher_mode(mode, shared, expected):
+    from cluster.local import ClusterResourceError, check_cpus
+
+    spec = parse_spec({**BASE, "logits": {"mode": mode}, "resources": {
+        "teacher_replicas": 2, "teacher_cpus": 0.5, "student_workers": 3, "student_cpus": 1.0,
+        "shared_pool": shared}})
+    assert spec.total_cpus == expected
+    check_cpus(spec, expected, "here")
+    with pytest.raises(ClusterResourceError, match=f"asks for {expected:g} CPUs"):
+        check_cpus(spec, expected - 0.5, "here")

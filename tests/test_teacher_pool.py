@@ -34,7 +34,21 @@ def cluster():
     ray.shutdown()
 
 
-def test_stream_returns_every_batch_in_order_from_both_replicas(cluster):
+def _stream(client, batches: list[np.ndarray], transport: str):
+    """The client's stream of logits for `batches`, sent by value, or as row indices into one
+    array put into the object store (what a student worker does), one batch or several per
+    request."""
+    if transport == "values":
+        return client.stream(iter(batches))
+    source = ray.put(np.concatenate(batches))
+    ends = np.cumsum([len(b) for b in batches])
+    index_batches = (np.arange(e - len(b), e) for b, e in zip(batches, ends))
+    # "grouped": consecutive batches share a request of at least 70 rows, split again on return
+    return client.stream_rows(source, index_batches, 70 if transport == "grouped" else 1)
+
+
+@pytest.mark.parametrize("transport", ["values", "rows", "grouped"])
+def test_stream_returns_every_batch_in_order_from_both_replicas(cluster, transport):
     torch.manual_seed(0)
     model = MLP(64, [32], 10)
     spec = _spec()
@@ -42,7 +56,7 @@ def test_stream_returns_every_batch_in_order_from_both_replicas(cluster):
     try:
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((16 + i, 1, 8, 8)).astype(np.float32) for i in range(24)]
-        out = list(pool.client().stream(iter(batches)))
+        out = list(_stream(pool.client(), batches, transport))
         reference = TeacherServer(model, "fp32")
         assert len(out) == len(batches)
         for x, logits in zip(batches, out):  # in order: sizes differ per batch
@@ -72,7 +86,8 @@ def _assert_all_cpus_back() -> None:
     assert ray.available_resources().get("CPU", 0) == 2
 
 
-def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster):
+@pytest.mark.parametrize("transport", ["values", "rows", "grouped"])
+def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster, transport):
     torch.manual_seed(0)
     model = MLP(64, [32], 10)
     pool = TeacherPool.start(_spec(), save(model.state_dict()), (1, 8, 8), 10)
@@ -83,7 +98,7 @@ def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster):
         pids = [s["pid"] for s in pool.stats()]
         received = []
         client = pool.client()
-        for i, logits in enumerate(client.stream(iter(batches))):
+        for i, logits in enumerate(_stream(client, batches, transport)):
             received.append(logits)
             if i == 10:  # requests are in flight on both replicas right now
                 ray.kill(pool.replicas[0], no_restart=False)

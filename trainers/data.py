@@ -1,7 +1,8 @@
 """Datasets named by the spec, loaded into memory as float32 arrays shaped (N, C, H, W).
 
 Both sets are small (MNIST is 47 MB as uint8), so every Ray Train worker loads its own copy and
-takes its shard by index; nothing travels through the object store.
+takes its shard by index. Under online distillation a worker puts its training inputs into the
+object store once, and its teacher requests carry row indices into them.
 """
 
 from __future__ import annotations
@@ -161,3 +162,67 @@ def epoch_shard(
     mine = order[rank::world_size][:per_rank]
     steps = per_rank // batch_size
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+class Prefetcher:
+    """Runs an iterator on a background thread, `depth` items ahead of the consumer.
+
+    A training step spends most of its time in torch ops that release the GIL, so the next
+    batch's gather, logit-cache read and teacher round trip happen on the other core meanwhile.
+    An exception in the iterator is raised to the consumer at the item where it happened;
+    `close()` (or leaving a `with` block) stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(iterable),), daemon=True,
+                                        name="stillhouse-prefetch")
+        self._thread.start()
+
+    def _run(self, source) -> None:
+        import queue
+
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            item, error = self._END, None
+        except BaseException as err:  # handed to the consumer, raised there
+            item, error = None, err
+        while not self._stop.is_set():
+            try:
+                self._queue.put((item, error), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -25,6 +25,7 @@ def deepspeed_config(
             "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
         },
         "bf16": {"enabled": spec.precision == "bf16"},
+        "torch_autocast": {"enabled": spec.precision == "bf16_autocast", "dtype": "bfloat16"},
         "zero_optimization": {"stage": spec.deepspeed.zero_stage},
         "gradient_clipping": grad_clip,
         "steps_per_print": 1 << 30,  # progress is ours to print

@@ -215,7 +215,7 @@ class _TeacherBatches:
         self.spec = JobSpec.model_validate_json(spec_json)
         torch.set_num_threads(max(1, int(self.spec.resources.teacher_cpus)))
         model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), tuple(image_shape), num_classes)
-        self.server = TeacherServer(model, self.spec.precision)
+        self.server = TeacherServer(model, self.spec.teacher_precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         logits = self.server.logits(batch["data"])
@@ -248,7 +248,7 @@ def fill_cache(spec, blob: bytes, x_train: np.ndarray, num_classes: int, root: P
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
         "mode": spec.logits.mode, "classes": num_classes, "top_k": spec.logits.top_k,
         "temperature": getattr(spec.distillation, "temperature", 1.0),
-        "precision": spec.precision,
+        "precision": spec.teacher_precision,
     })
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(batch)

@@ -23,6 +23,7 @@ from trainers.engine_config import replica_options
 
 
 SHARED_NAMESPACE = "stillhouse-pools"
+MAX_SOURCES = 4  # input arrays a replica keeps mapped (one per student worker that streams)
 
 
 class PoolStartError(RuntimeError):
@@ -52,15 +53,34 @@ class TeacherReplica:
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
-        self.server = TeacherServer(model, spec.precision, feature_layers(spec))
-        self.fingerprint = teacher_fingerprint(blob, spec.precision, feature_layers(spec))
+        self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec))
+        self.fingerprint = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
                                       spec.resources.teacher_max_wait_ms / 1000.0)
         self.served = 0
+        self._sources: dict = {}  # ObjectRef -> the array it holds (a zero-copy view)
 
     async def logits(self, x: np.ndarray) -> np.ndarray:
         self.served += len(x)
         return await self.batcher.submit(x)
+
+    async def logits_rows(self, source: list, idx: np.ndarray) -> np.ndarray:
+        """Logits for rows `idx` of the array that `source[0]` (an ObjectRef) holds.
+
+        The array goes into the object store once and every request carries only its row
+        indices, so neither side copies or serializes the inputs per request. The ref arrives
+        wrapped in a list, which keeps Ray from resolving it on every call; it is resolved once
+        here (a read-only view of shared memory) and kept while the ref is in use.
+        """
+        ref = source[0]
+        x = self._sources.get(ref)
+        if x is None:
+            x = await ref
+            if len(self._sources) >= MAX_SOURCES:  # the oldest source is done with
+                self._sources.pop(next(iter(self._sources)))
+            self._sources[ref] = x
+        self.served += len(idx)
+        return await self.batcher.submit(x[idx])
 
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -91,21 +111,46 @@ class TeacherPoolClient:
 
     def stream(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Yield (B, num_classes) logits for each (B, C, H, W) batch, in the order given."""
-        outstanding = [0] * len(self.replicas)
-        pending: deque = deque()  # [ObjectRef, replica index, batch, attempts], oldest first
-        source = iter(batches)
+        for _, logits in self._stream(("logits", (x,), None) for x in batches):
+            yield logits
 
-        def send(x: np.ndarray, avoid: int | None = None) -> list:
+    def stream_rows(self, source: ray.ObjectRef, index_batches: Iterable[np.ndarray],
+                    request_rows: int = 1) -> Iterator[np.ndarray]:
+        """Like `stream`, for batches of rows of the array `source` holds (put once with
+        `ray.put`): each request carries only its indices. Consecutive batches share one request
+        until it has `request_rows` rows (a round trip costs the same for more rows), and the
+        answer is split back into one array per batch."""
+
+        def requests():
+            group: list[np.ndarray] = []
+            for idx in index_batches:
+                group.append(idx)
+                if sum(map(len, group)) >= request_rows:
+                    yield "logits_rows", ([source], np.concatenate(group)), list(map(len, group))
+                    group = []
+            if group:
+                yield "logits_rows", ([source], np.concatenate(group)), list(map(len, group))
+
+        for sizes, logits in self._stream(requests()):
+            yield from np.split(logits, np.cumsum(sizes)[:-1])
+
+    def _stream(self, requests: Iterator[tuple]) -> Iterator[tuple]:
+        """(tag, logits) per request (method name, args, tag), in order, requests in flight."""
+        outstanding = [0] * len(self.replicas)
+        pending: deque = deque()  # [ObjectRef, replica index, request, attempts], oldest first
+
+        def send(request: tuple, avoid: int | None = None) -> list:
             choices = [i for i in range(len(self.replicas)) if i != avoid] or [avoid]
             i = min(choices, key=outstanding.__getitem__)
             outstanding[i] += 1
-            return [self.replicas[i].logits.remote(x), i, x, 0]
+            method, args, _ = request
+            return [getattr(self.replicas[i], method).remote(*args), i, request, 0]
 
         def submit() -> bool:
-            x = next(source, None)
-            if x is None:
+            request = next(requests, None)
+            if request is None:
                 return False
-            pending.append(send(x))
+            pending.append(send(request))
             return True
 
         for _ in range(self.prefetch):
@@ -132,7 +177,7 @@ class TeacherPoolClient:
             pending.popleft()
             outstanding[entry[1]] -= 1
             submit()  # refill before handing back, so the window stays full during the step
-            yield logits
+            yield entry[2][2], logits
 
 
 class TeacherPool:
@@ -191,7 +236,7 @@ class TeacherPool:
         except ray.exceptions.RayActorError as err:
             pool.shutdown(force=True)
             raise PoolStartError(f"a teacher replica failed to start: {err}") from None
-        wanted = teacher_fingerprint(blob, spec.precision, feature_layers(spec))
+        wanted = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         if any(s["fingerprint"] != wanted for s in stats):
             pool.replicas = []  # they belong to the jobs that made them
             raise PoolStartError(
@@ -203,10 +248,15 @@ class TeacherPool:
     def client(self) -> TeacherPoolClient:
         return TeacherPoolClient(self.replicas, self.spec.resources.prefetch_batches)
 
-    def predict(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Teacher logits for a whole array, through the pool: (N, ...) -> (N, num_classes)."""
-        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-        rows = np.concatenate(list(self.client().stream(batches)))
+    def predict(self, x: np.ndarray | ray.ObjectRef, batch_size: int = 512) -> np.ndarray:
+        """Teacher logits for a whole array, through the pool: (N, ...) -> (N, num_classes).
+
+        `x` may already be in the object store (an ObjectRef), as when the same inputs are
+        asked for again; otherwise it is put there once, and requests carry row ranges."""
+        source = x if isinstance(x, ray.ObjectRef) else ray.put(np.ascontiguousarray(x))
+        n = len(ray.get(source))  # a zero-copy view: only the length is read
+        batches = (np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
+        rows = np.concatenate(list(self.client().stream_rows(source, batches)))
         return rows[:, : self.num_classes]  # without the features that may follow the logits
 
     def stats(self) -> list[dict]:

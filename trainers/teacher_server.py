@@ -68,7 +68,7 @@ class TeacherServer:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.autocast = precision == "bf16"
+        self.autocast = precision != "fp32"  # bf16 under autocast
         self.tap = None
         if feature_layers:
             from trainers.features import FeatureTap

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
 from typing import Literal
@@ -33,7 +33,7 @@ from orchestrator.locks import WORKERS_LOCK, shared_lock
 from orchestrator.tracking import Tracker
 from specs.job import JobSpec
 from trainers import checkpoint
-from trainers.data import Dataset, epoch_shard, load_dataset
+from trainers.data import Dataset, Prefetcher, epoch_shard, load_dataset
 from trainers.engine import DistillEngine, set_distributed_env
 from trainers.features import (
     KD_PREFIX, build_projections, check_feature_spec, split_teacher_output, student_only,
@@ -96,7 +96,7 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         tracker = stage_tracker(spec, Path(req.run_dir), req.stage, done, bool(todo),
                                 req.wandb_config, req.wandb_mode, world_size=world)
-    client = cache = None
+    client = cache = source = None
     if student and req.logit_cache:
         cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
                                 spec.logits.max_shards_in_memory)
@@ -104,10 +104,14 @@ def train_worker(config: dict) -> None:
             raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
     elif student:
         client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
+        # once: teacher requests carry row indices into it, not the rows themselves; the worker
+        # reads its batches from the same shared-memory copy
+        source = ray.put(data.x_train)
+        data = replace(data, x_train=ray.get(source))
     try:
         for phase in todo:
             global_step = _run_phase(
-                engine, spec, phase, data, client, cache, tracker, root, rank, world,
+                engine, spec, phase, data, client, cache, source, tracker, root, rank, world,
                 global_step, stage=req.stage, total_phases=len(phases),
             )
     finally:
@@ -187,8 +191,8 @@ def _unlogged_rows(root: Path, done: list[str], run_dir: Path, job_type: str) ->
 
 def _run_phase(
     engine: DistillEngine, spec: JobSpec, phase: Phase, data: Dataset,
-    client: TeacherPoolClient | None, cache: LogitCache | None, tracker: Tracker, root: Path,
-    rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
+    client: TeacherPoolClient | None, cache: LogitCache | None, source, tracker: Tracker,
+    root: Path, rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
 ) -> int:
     section = spec.student if stage == "student" else spec.teacher
     threshold = None
@@ -213,40 +217,25 @@ def _run_phase(
         batches = epoch_shard(
             len(data.y_train), section.batch_size, phase.index * 1000 + epoch, spec.seed, rank, world
         )
-        # (teacher logits, teacher features) per batch
-        if cache is not None:  # cached logits: no teacher in the loop at all
-            teacher = ((cache.logits(idx), None) for idx in batches)
-        elif client is not None:  # online: requests in flight ahead of the steps
-            rows = client.stream(data.x_train[idx] for idx in batches)
-            if engine.teacher_feature_shapes:  # each row: logits, then the features
-                shapes = engine.teacher_feature_shapes
-                teacher = (split_teacher_output(r, data.num_classes, shapes) for r in rows)
-            else:
-                teacher = ((r, None) for r in rows)
-        else:  # the teacher itself is training
-            teacher = repeat((None, None))
         epoch_losses = []
-        for idx, (t_logits, t_features) in zip(batches, teacher):
-            lr = cosine_lr(step_in_phase, total_steps, base_lr)
-            engine.set_lr(lr)
-            parts = engine.train_step(
-                torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
-                None if t_logits is None else torch.from_numpy(np.array(t_logits)),
-                temperature, alpha,
-                None if t_features is None else [torch.from_numpy(np.array(f)) for f in t_features],
-            )
-            step_in_phase += 1
-            global_step += 1
-            if parts is None:
-                skipped += 1
-                continue
-            samples += len(idx) * world
-            epoch_losses.append(parts["loss"])
-            if global_step % spec.wandb.log_every_steps == 0:
-                rate = samples / max(1e-9, time.perf_counter() - started)
-                wandb_rows[global_step] = {**{f"train/{k}": v for k, v in parts.items()},
-                                     "train/lr": lr, "train/samples_per_s": rate,
-                                     "train/phase": phase.index}
+        with Prefetcher(_step_inputs(data, batches, cache, client, source, engine)) as inputs:
+            for idx, x, y, t_logits, t_features in inputs:
+                lr = cosine_lr(step_in_phase, total_steps, base_lr)
+                engine.set_lr(lr)
+                parts = engine.train_step(x, y, t_logits, temperature, alpha, t_features)
+                step_in_phase += 1
+                global_step += 1
+                if parts is None:
+                    skipped += 1
+                    continue
+                samples += len(idx) * world
+                epoch_losses.append(parts["loss"])
+                if global_step % spec.wandb.log_every_steps == 0:
+                    rate = samples / max(1e-9, time.perf_counter() - started)
+                    wandb_rows[global_step] = {
+                        **{f"train/{k}": v for k, v in parts.items()}, "train/lr": lr,
+                        "train/samples_per_s": rate, "train/phase": phase.index,
+                    }
         losses += epoch_losses
         elapsed = time.perf_counter() - epoch_start
         _print0(
@@ -298,6 +287,33 @@ def _run_phase(
     )
     ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
     return global_step
+
+
+def _step_inputs(
+    data: Dataset, batches: list[np.ndarray], cache: LogitCache | None,
+    client: TeacherPoolClient | None, source, engine: DistillEngine,
+):
+    """(indices, x, y, teacher logits, teacher features) per step, as tensors; run ahead of the
+    steps by a `Prefetcher`. Teacher logits come from the logit cache, or from the pool (requests
+    in flight, carrying only the row indices into `source`, the training inputs put into the
+    object store once), or are None while the teacher itself trains."""
+    if cache is not None:  # cached logits: no teacher in the loop at all
+        teacher = ((cache.logits(idx), None) for idx in batches)
+    elif client is not None:
+        rows = client.stream_rows(source, batches, engine.spec.resources.teacher_request_rows)
+        if engine.teacher_feature_shapes:  # each row: logits, then the features
+            shapes = engine.teacher_feature_shapes
+            teacher = (split_teacher_output(r, data.num_classes, shapes) for r in rows)
+        else:
+            teacher = ((r, None) for r in rows)
+    else:
+        teacher = repeat((None, None))
+    for idx, (t_logits, t_features) in zip(batches, teacher):
+        yield (
+            idx, torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
+            None if t_logits is None else torch.from_numpy(np.array(t_logits)),
+            None if t_features is None else [torch.from_numpy(np.array(f)) for f in t_features],
+        )
 
 
 @torch.no_grad()
