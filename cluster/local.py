@@ -33,6 +33,17 @@ def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
         )
 
 
+# Ray Train settings for an embedded (one-machine) cluster; a variable already set wins. Its
+# processes inherit them from this one when `ray.init` starts the cluster.
+EMBEDDED_RAY_TRAIN_ENV = {
+    # the controller polls its worker group every 2 s by default, so a stage's end (or a failed
+    # worker) waited up to 2 s to be noticed, twice per job
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # one machine is never drained: no watcher actor (a Python process) per worker group
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 @contextmanager
 def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[None]:
     """Start a local Ray cluster for one job and stop it afterwards.
@@ -43,6 +54,9 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[Non
     cpus = num_cpus or os.cpu_count() or 1
     check_cpus(spec, cpus, "this machine")  # before anything starts
     import ray
+
+    for name, value in EMBEDDED_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
     from cluster.reaper import Reaper
 
@@ -102,6 +116,25 @@ def existing_cluster(spec: JobSpec, address: str) -> Iterator[None]:
         ray.shutdown()
 
 
+CURRENT = "current"  # as a job's address: the cluster this process has already connected to
+
+
+@contextmanager
+def current_cluster(spec: JobSpec) -> Iterator[None]:
+    """The cluster this process is connected to (a sweep's one embedded cluster for all its
+    points), checked for the job's CPUs and left running afterwards."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("address 'current' needs a Ray cluster this process has started")
+    check_cpus(spec, ray.cluster_resources().get("CPU", 0.0), "the current Ray cluster")
+    check_placement(spec, ray.nodes())
+    yield
+
+
 def job_cluster(spec: JobSpec, address: str | None):
-    """The cluster for one job: existing when `address` is given, else embedded."""
+    """The cluster for one job: the current one (`CURRENT`), an existing one at `address`, or a
+    new embedded one."""
+    if address == CURRENT:
+        return current_cluster(spec)
     return existing_cluster(spec, address) if address else embedded_cluster(spec)

@@ -2,8 +2,8 @@
 
     stillhouse sweep examples/digits-sweep.yaml --run-dir runs/sweep [--address auto]
 
-Points run one after another, each a full job with its own run dir (so a rerun resumes the
-sweep point by point). When the grid leaves the teacher alone, the first point trains it and the
+Points run one after another on one Ray cluster (an embedded one is started once for all of
+them), each a full job with its own run dir (so a rerun resumes the sweep point by point). When the grid leaves the teacher alone, the first point trains it and the
 others load its weights. The comparison is `sweep.json`, `sweep.md` (a table) and `sweep.png`
 (accuracy against sparsity and against nonzero weights), also logged to W&B as a table.
 
@@ -15,6 +15,7 @@ stopping, and running points in order is what lets them share the teacher.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from specs import JobSpec
@@ -33,12 +34,45 @@ def _shares_teacher(spec: JobSpec) -> bool:
 def run_sweep(
     spec: JobSpec, *, run_dir: str, data_dir: str | None = None, address: str | None = None,
 ) -> dict:
-    from orchestrator.job import run_job
     from orchestrator.tracking import Tracker
 
     root = Path(run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     points = expand_sweep(spec)
+    if address is None:  # one embedded cluster for every point, not one per point (~6 s each)
+        from cluster.local import CURRENT, check_cpus, embedded_cluster
+
+        for _, point_spec in points:  # every point fits, before anything starts
+            check_cpus(point_spec, os.cpu_count() or 1, "this machine")
+        with embedded_cluster(max((p for _, p in points), key=lambda p: p.total_cpus)):
+            rows = _run_points(spec, points, root, data_dir, CURRENT)
+    else:
+        rows = _run_points(spec, points, root, data_dir, address)
+    share = _shares_teacher(spec)
+    keys = list(spec.sweep.grid) if spec.sweep else []
+    result = {"name": spec.name, "grid": spec.sweep.grid if spec.sweep else {}, "rows": rows,
+              "shared_teacher": share}
+    (root / "sweep.json").write_text(json.dumps(result, indent=2))
+    table = format_sweep_table(rows, keys)
+    (root / "sweep.md").write_text(table + "\n")
+    plot_sweep(rows, root / "sweep.png", title=spec.name)
+    print(table, flush=True)
+
+    group = spec.wandb.group or spec.name
+    tracker = Tracker.start(spec, root, job_type="sweep", name=f"{spec.name}-sweep",
+                            config={"grid": result["grid"], "points": len(rows), "group": group})
+    columns = ["point", *keys, "accuracy", "sparsity", "nonzero_params", "dense_params"]
+    tracker.log_table("sweep/results", columns, [[r[c] for c in columns] for r in rows])
+    tracker.log_image("sweep/accuracy_vs_sparsity", root / "sweep.png")
+    tracker.finish()
+    return result
+
+
+def _run_points(spec: JobSpec, points: list, root: Path, data_dir: str | None,
+                address: str | None) -> list[dict]:
+    """Run every point's job in turn; the first trains the teacher the others reuse."""
+    from orchestrator.job import run_job
+
     share = _shares_teacher(spec)
     rows = []
     teacher_file = None
@@ -61,23 +95,7 @@ def run_sweep(
             "dense_student_accuracy": report["dense_student"]["accuracy"],
             "teacher_accuracy": report["teacher"]["accuracy"], "run_dir": str(point_dir),
         })
-    keys = list(spec.sweep.grid) if spec.sweep else []
-    result = {"name": spec.name, "grid": spec.sweep.grid if spec.sweep else {}, "rows": rows,
-              "shared_teacher": share}
-    (root / "sweep.json").write_text(json.dumps(result, indent=2))
-    table = format_sweep_table(rows, keys)
-    (root / "sweep.md").write_text(table + "\n")
-    plot_sweep(rows, root / "sweep.png", title=spec.name)
-    print(table, flush=True)
-
-    group = spec.wandb.group or spec.name
-    tracker = Tracker.start(spec, root, job_type="sweep", name=f"{spec.name}-sweep",
-                            config={"grid": result["grid"], "points": len(rows), "group": group})
-    columns = ["point", *keys, "accuracy", "sparsity", "nonzero_params", "dense_params"]
-    tracker.log_table("sweep/results", columns, [[r[c] for c in columns] for r in rows])
-    tracker.log_image("sweep/accuracy_vs_sparsity", root / "sweep.png")
-    tracker.finish()
-    return result
+    return rows
 
 
 def format_sweep_table(rows: list[dict], keys: list[str]) -> str:

@@ -26,8 +26,10 @@ TOPK_ACCURACY_TOLERANCE = 0.03
 
 
 def _run(tmp_path: Path, name: str, teacher: dict, logits: dict) -> tuple[dict, str]:
-    spec = digits_spec(1, group="cache", name=name, teacher=teacher, logits={
-        **logits, "cache_dir": str(tmp_path / "cache")})
+    # bf16_autocast here: the last part of the test, a bf16 spec, finds the cache these wrote
+    # (the teacher answers in bf16 under both modes)
+    spec = digits_spec(1, group="cache", name=name, teacher=teacher, precision="bf16_autocast",
+                       logits={**logits, "cache_dir": str(tmp_path / "cache")})
     spec["student"]["epochs"] = 8
     spec["pruning"] = {"enabled": False}
     spec["wandb"] = {"mode": "disabled"}
@@ -38,10 +40,10 @@ def _run(tmp_path: Path, name: str, teacher: dict, logits: dict) -> tuple[dict, 
     return json.loads((folder / "run" / "report.json").read_text()), result.stdout
 
 
-def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(tmp_path):
-    trained = {"kind": "train", "model": {"kind": "mlp", "hidden": [128, 128]}, "epochs": 6,
-               "lr": 0.003, "batch_size": 32}
-    full, out = _run(tmp_path, "first", trained, {"mode": "cached"})
+def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(
+    tmp_path, digits_teacher
+):
+    full, out = _run(tmp_path, "first", digits_teacher, {"mode": "cached"})
     assert "logit cache: wrote" in out
     caches = list((tmp_path / "cache").iterdir())
     assert len(caches) == 1
@@ -50,8 +52,8 @@ def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(tmp
     assert json.loads(manifest.read_text())["rows"] == 1347
 
     # (a second job with the same teacher reusing this cache: tests/test_sweep.py)
-    teacher_file = tmp_path / "first" / "run" / "checkpoints" / "teacher" / "model.safetensors"
-    same = {"kind": "checkpoint", "model": trained["model"], "path": str(teacher_file)}
+    teacher_file = Path(digits_teacher["path"])
+    same = digits_teacher
 
     # top-k logits from the same teacher train a student about as well as the full ones
     topk, out = _run(tmp_path, "topk", same, {"mode": "topk", "top_k": 3})
@@ -71,7 +73,7 @@ def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(tmp
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         root, key = _logit_cache(spec, changed, data, tmp_path / "changed")
-        # the unchanged teacher still finds its cache (and leaves it as it was)
+        # the unchanged teacher still finds its cache (and leaves it as it was), from a bf16 spec
         assert _logit_cache(spec, Path(teacher_file).read_bytes(), data, tmp_path)[1] == caches[0].name
         assert manifest.stat().st_mtime_ns == written_at
     finally:
