@@ -67,8 +67,9 @@ def profile(batch: int, repeats: int) -> dict[str, float]:
             optimizer.step()
 
         out[name] = ms_per_step(step, repeats)
-    for precision, zero, cast in (("bf16", 0, False), ("bf16", 1, False), ("fp32", 0, False),
-                                  ("fp32", 0, True)):
+    for precision, zero, reduce in (("bf16", 0, False), ("bf16", 1, True), ("fp32", 0, False),
+                                    ("bf16_autocast", 0, False), ("bf16_autocast", 0, True),
+                                    ("bf16_autocast", 1, True)):
         spec = parse_spec({
             "name": "profile", "data": {"kind": "digits"},
             "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [16]}},
@@ -77,12 +78,16 @@ def profile(batch: int, repeats: int) -> dict[str, float]:
         })
         engine = DistillEngine(MLP(784, HIDDEN, 10), spec, lr=1e-3, micro_batch=batch,
                                weight_decay=0.0, grad_clip=0.0, world_size=1)
+        # one rank under ZeRO 0 skips DeepSpeed's gradient all-reduce; `reduce` puts it back, to
+        # show its cost (ZeRO 1-2 always run it)
+        engine.engine.enable_backward_allreduce = reduce
 
-        def step(engine=engine, cast=cast):
-            with autocast(cast):
-                engine.train_step(x, y, teacher, 4.0, 0.7)
+        def step(engine=engine):
+            engine.train_step(x, y, teacher, 4.0, 0.7)
 
-        label = f"deepspeed {precision} ZeRO {zero}" + (" + autocast" if cast else "")
+        label = f"deepspeed {precision} ZeRO {zero}"
+        if reduce and zero == 0:
+            label += " (one-rank all-reduce kept)"
         out[label] = ms_per_step(step, repeats)
         engine.prune_to(0.5)
         out[label + ", 50% pruned"] = ms_per_step(step, repeats)
