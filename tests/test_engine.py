@@ -65,6 +65,13 @@ def test_masks_hold_through_optimizer_steps(precision, zero_stage):
     assert pruned == round(0.6 * sum(m.numel() for m in engine.masks.values()))
 
 
+def test_deepspeed_uses_gloo_without_compiling_its_shared_memory_op():
+    from deepspeed.comm import comm
+
+    _engine("fp32", 0)
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None  # the backend DeepSpeed uses
+
+
 def test_bf16_autocast_keeps_fp32_weights_and_runs_the_forward_in_bf16():
     engine = _engine("bf16_autocast", 0)
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())

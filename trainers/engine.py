@@ -59,6 +59,7 @@ class DistillEngine:
         `teacher_feature_shapes` are the shapes of the teacher features that arrive per step."""
         import deepspeed  # heavy; imported only inside workers
 
+        _no_shared_memory_comm_op()
         self.spec = spec
         config = deepspeed_config(
             spec, micro_batch=micro_batch, world_size=world_size, lr=lr,
@@ -290,6 +291,20 @@ def _weights_only_checkpoint_engine(engine):
     replacement = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
     replacement.__dict__.update(current.__dict__)  # same settings (serialization format, name)
     return replacement
+
+
+def _no_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op.
+
+    DeepSpeed's torch comm backend JIT-compiles that op (about 30 s of C++ here) on its first
+    initialisation, and compiles it again whenever a process's build flags differ from the cached
+    build's, for `inference_all_reduce` alone, which stillhouse never calls: gloo does every
+    collective. `deepspeed.ops.__compatible_ops__` is the dict DeepSpeed consults before
+    building, kept in its module so that edits persist.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def set_distributed_env(rank: int, local_rank: int, world_size: int, local_world_size: int) -> None:
