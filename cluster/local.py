@@ -34,7 +34,8 @@ def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
 
 
 # Ray Train settings for an embedded (one-machine) cluster; a variable already set wins. Its
-# processes inherit them from this one when `ray.init` starts the cluster.
+# processes inherit them from this one when `ray.init` starts the cluster. A submitted job gets
+# the first one only (cluster/jobs.py): a real cluster's nodes can be drained.
 EMBEDDED_RAY_TRAIN_ENV = {
     # the controller polls its worker group every 2 s by default, so a stage's end (or a failed
     # worker) waited up to 2 s to be noticed, twice per job

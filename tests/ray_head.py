@@ -75,7 +75,10 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-        env=token_env(token), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # one machine is never drained: no Ray Train preemption watcher (an actor process per
+        # worker group), as on an embedded cluster (cluster/local.py)
+        env={**token_env(token), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = HeadAddress(f"http://127.0.0.1:{dashboard}")
     address.gcs = f"127.0.0.1:{port}"
@@ -93,7 +96,9 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
                 time.sleep(0.5)
         yield address
     finally:
-        stop_tree(proc)
+        # Ray's processes sit out a grace period on SIGTERM (16 s for `ray stop`); a test head
+        # holds nothing that needs it
+        stop_tree(proc, grace_s=2)
         log.close()
         # `ray start` records its cluster for `address="auto"` lookups; forget ours
         current = Path("/tmp/ray/ray_current_cluster")
@@ -101,12 +106,12 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
             current.unlink()
 
 
-def stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the process and every descendant it started."""
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM, then (after `grace_s`) SIGKILL, the process and every descendant it started."""
     try:
         tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    stop_processes(tree, grace_s=15)
+    stop_processes(tree, grace_s=grace_s)
     if proc.poll() is None:
         proc.wait(timeout=10)
