@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import queue
 import struct
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,37 +178,31 @@ class Prefetcher:
     _END = object()
 
     def __init__(self, iterable, depth: int = 2):
-        import queue
-        import threading
-
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(iterable),), daemon=True,
                                         name="stillhouse-prefetch")
         self._thread.start()
 
-    def _run(self, source) -> None:
-        import queue
-
-        try:
-            for item in source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            item, error = self._END, None
-        except BaseException as err:  # handed to the consumer, raised there
-            item, error = None, err
+    def _put(self, entry: tuple) -> bool:
+        """Queue `entry` once there is room; False if stopped first."""
         while not self._stop.is_set():
             try:
-                self._queue.put((item, error), timeout=0.1)
-                return
+                self._queue.put(entry, timeout=0.1)
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def _run(self, source) -> None:
+        try:
+            for item in source:
+                if not self._put((item, None)):
+                    return
+            entry = (self._END, None)
+        except BaseException as err:  # handed to the consumer, raised there
+            entry = (None, err)
+        self._put(entry)
 
     def __iter__(self):
         while True:
