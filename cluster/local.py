@@ -18,7 +18,7 @@ class ClusterResourceError(RuntimeError):
 
 def cpu_demand(spec: JobSpec) -> str:
     r = spec.resources
-    together = "+" if spec.logits.mode == "online" or r.shared_pool else "or, never at once,"
+    together = "+" if spec.replicas_beside_workers else "or, never at once,"
     return (
         f"{spec.total_cpus:g} CPUs ({r.teacher_replicas} teacher replicas x {r.teacher_cpus:g} "
         f"{together} {r.student_workers} student workers x {r.student_cpus:g})"

@@ -137,8 +137,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         }
         _say(f"teacher accuracy {teacher['accuracy']:.4f} ({teacher['params']:,} params)")
         tracker.log({"teacher/accuracy": teacher["accuracy"], "teacher/params": teacher["params"]})
-        replica_stats = pool.stats()
         if logit_cache is not None:  # the workers read the cache: the replicas' CPUs go to them
+            replica_stats = pool.stats()
             pool.shutdown()
 
         # 3. student: dense distillation and pruning rounds, one worker group --------------

@@ -457,12 +457,17 @@ class JobSpec(Strict):
     sweep: SweepSpec | None = None
 
     @property
+    def replicas_beside_workers(self) -> bool:
+        """Whether the teacher replicas hold their CPUs while the workers train. Online they
+        serve the workers; with cached logits they fill the cache and answer the test set first,
+        and are gone before the workers start (unless they are a shared pool, which stays)."""
+        return self.logits.mode == "online" or bool(self.resources.shared_pool)
+
+    @property
     def total_cpus(self) -> float:
-        """CPUs the job holds at once. Online, the teacher replicas serve the workers as they
-        train; with cached logits the replicas fill the cache and answer the test set first, and
-        are gone before the workers start (unless they are a shared pool, which stays)."""
+        """CPUs the job holds at once."""
         r = self.resources
-        if self.logits.mode == "online" or r.shared_pool:
+        if self.replicas_beside_workers:
             return r.teacher_total_cpus + r.student_total_cpus
         return max(r.teacher_total_cpus, r.student_total_cpus)
 

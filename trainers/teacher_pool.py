@@ -121,15 +121,20 @@ class TeacherPoolClient:
         until it has `request_rows` rows (a round trip costs the same for more rows), and the
         answer is split back into one array per batch."""
 
+        def request(group: list[np.ndarray]) -> tuple:
+            return "logits_rows", ([source], np.concatenate(group)), [len(g) for g in group]
+
         def requests():
             group: list[np.ndarray] = []
+            rows = 0
             for idx in index_batches:
                 group.append(idx)
-                if sum(map(len, group)) >= request_rows:
-                    yield "logits_rows", ([source], np.concatenate(group)), list(map(len, group))
-                    group = []
+                rows += len(idx)
+                if rows >= request_rows:
+                    yield request(group)
+                    group, rows = [], 0
             if group:
-                yield "logits_rows", ([source], np.concatenate(group)), list(map(len, group))
+                yield request(group)
 
         for sizes, logits in self._stream(requests()):
             yield from np.split(logits, np.cumsum(sizes)[:-1])
