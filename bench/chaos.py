@@ -156,7 +156,8 @@ def _count_checkpoints(out: dict, run_dir: Path, log: Path) -> None:
 
 def _count_wandb_steps(out: dict, run_dir: Path) -> None:
     """Planned student steps logged more than once, or never, across all of a job's W&B runs."""
-    from orchestrator.wandb_file import job_history
+    sys.path.insert(0, str(PROJECT_ROOT / "tests"))  # the reader of W&B's run files
+    from wandb_file import job_history
 
     metas = [json.loads(p.read_text())["meta"]
              for p in sorted((run_dir / "checkpoints").glob("student-*/COMPLETE.json"))]

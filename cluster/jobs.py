@@ -89,11 +89,11 @@ def submit(
     submission_id: str | None = None, metadata: dict | None = None,
 ) -> str:
     """Submit one job; returns its Ray job id. The spec was validated by the caller."""
-    import orchestrator
-    from orchestrator.tracking import git_revision
+    import specs
+    from trainers.tracking import git_revision
 
     client = connect(address)
-    root = Path(orchestrator.__file__).resolve().parents[1]
+    root = Path(specs.__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="stillhouse-submit-") as staging:
         (Path(staging) / "spec.yaml").write_text(
             yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

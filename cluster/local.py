@@ -9,10 +9,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from specs.errors import InputError
 from specs.job import JobSpec
 
 
-class ClusterResourceError(RuntimeError):
+class ClusterResourceError(InputError):
     """The cluster cannot give the job the CPUs its spec asks for."""
 
 

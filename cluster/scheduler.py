@@ -38,6 +38,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from specs import load_spec
+from specs.errors import InputError
 
 log = logging.getLogger("stillhouse.scheduler")
 
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS firings (
 ACTIVE = {"PENDING", "RUNNING"}
 
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError, ValueError):
     """A schedule cannot be added, found or run as asked."""
 
 
@@ -281,7 +282,7 @@ def settle_claims(db_path: str | Path) -> int:
 def lock_store(db_path: str | Path):
     """Hold `<db>.lock` for as long as the returned file stays open; a second scheduler on the
     same store gets a ScheduleError."""
-    from orchestrator.locks import LockHeld, exclusive_lock
+    from trainers.locks import LockHeld, exclusive_lock
 
     try:
         return exclusive_lock(Path(f"{Path(db_path).resolve()}.lock"))

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from specs import SpecError, load_spec
+from specs.errors import InputError, JobError
 from specs.sweep import expand_sweep
 
 EXIT_FAILED = 1
@@ -60,12 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"stillhouse: {args.spec} declares a sweep of {len(points)} points: "
               "use `stillhouse sweep`", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from cluster.local import ClusterResourceError
-    from orchestrator.job import JobError, RunDirError, run_job
-    from trainers.checkpoint import CheckpointError
-    from trainers.data import DataError
-    from trainers.features import FeatureSpecError
-    from trainers.teacher_server import TeacherLoadError
+    from orchestrator.job import run_job
 
     try:
         if args.command == "sweep":
@@ -75,8 +71,7 @@ def _run(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, address=args.address)
         else:
             run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
-    except (DataError, TeacherLoadError, CheckpointError, RunDirError, ClusterResourceError,
-            FeatureSpecError) as err:
+    except InputError as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except JobError as err:
@@ -89,23 +84,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.compress import ExportError, NotARunDirError, export_run_dir
+    from orchestrator.compress import export_run_dir
     from orchestrator.report import format_table
-    from trainers.checkpoint import CheckpointError
-    from trainers.data import DataError
-    from trainers.export import ExportFormatError
-    from trainers.teacher_server import TeacherLoadError
 
     try:
         report = export_run_dir(Path(args.run_dir), args.data_dir)
     except SpecError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (NotARunDirError, ExportFormatError, CheckpointError, DataError, TeacherLoadError,
-            OSError) as err:
+    except (InputError, OSError) as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ExportError as err:
+    except JobError as err:
         print(f"stillhouse: export failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(format_table(report))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.job import JobError
 from specs import JobSpec, spec_hash
+from specs.errors import InputError, JobError
 
 COMPRESSED_FILE = "student.compressed.safetensors"
 
@@ -27,7 +27,7 @@ class ExportError(JobError):
     """The compressed model does not reload to the same predictions."""
 
 
-class NotARunDirError(ValueError):
+class NotARunDirError(InputError):
     """`stillhouse export` was given a folder that holds no finished run."""
 
 

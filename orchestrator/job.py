@@ -24,17 +24,13 @@ from pathlib import Path
 import yaml
 
 from specs import JobSpec, spec_hash
+from specs.errors import InputError, JobError
 from specs.job import CheckpointTeacher, ExportedTeacher, TrainedTeacher
-
-
-class JobError(RuntimeError):
-    """The job could not finish; what was committed before the failure stays on disk."""
-
 
 WORKERS_GONE_S = 120.0  # how long a new driver waits for an earlier run's workers to exit
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The run dir cannot take this job: it holds another spec's run, or a running job."""
 
 
@@ -54,7 +50,7 @@ def run_job(
     if address is None:
         check_cpus(spec, os.cpu_count() or 1, "this machine")
     data = load_dataset(spec.data, data_dir, spec.seed)
-    if getattr(spec.distillation, "features", None):  # module names exist, shapes can match
+    if spec.distillation.features:  # module names exist, shapes can match
         from trainers.features import check_feature_spec
 
         check_feature_spec(spec, data.image_shape, data.num_classes)
@@ -72,7 +68,7 @@ def run_job(
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
 
     with job_cluster(spec, address):
-        from orchestrator.tracking import Tracker, git_revision
+        from trainers.tracking import Tracker, git_revision
 
         ids = {"job_id": job_id, "spec_hash": digest, "git_revision": git_revision(),
                "ray_job_id": os.environ.get("RAY_JOB_ID") or None}
@@ -234,7 +230,7 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str,
 
     root = Path(spec.logits.cache_dir or run_path.parent / "logit-cache").resolve()
     key = cache_key(blob, data.x_train, mode=spec.logits.mode, top_k=spec.logits.top_k,
-                    temperature=getattr(spec.distillation, "temperature", 1.0),
+                    temperature=spec.distillation.temperature,
                     precision=spec.teacher_precision)
     if LogitCache.open(root, key, 1) is not None:
         _say(f"logit cache: reusing {root / key}")
@@ -249,7 +245,7 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str,
 def _lock_run_dir(run_path: Path):
     """One job at a time in a run dir: a second `stillhouse run` there would train beside the
     first and race it to the same checkpoints."""
-    from orchestrator.locks import RUN_LOCK, WORKERS_LOCK, LockHeld, exclusive_lock, wait_until_free
+    from trainers.locks import RUN_LOCK, WORKERS_LOCK, LockHeld, exclusive_lock, wait_until_free
 
     run_path.mkdir(parents=True, exist_ok=True)
     try:

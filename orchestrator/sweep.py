@@ -34,7 +34,7 @@ def _shares_teacher(spec: JobSpec) -> bool:
 def run_sweep(
     spec: JobSpec, *, run_dir: str, data_dir: str | None = None, address: str | None = None,
 ) -> dict:
-    from orchestrator.tracking import Tracker
+    from trainers.tracking import Tracker
 
     root = Path(run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ class TrainedTeacher(Strict):
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(64, gt=0, description="per worker")
     weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(0.0, ge=0.0, description="0 turns clipping off")
 
 
 class CheckpointTeacher(Strict):
@@ -479,7 +480,7 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
-        if getattr(self.distillation, "features", None):
+        if self.distillation.features:
             if isinstance(self.teacher, ExportedTeacher):
                 raise ValueError(
                     "`distillation.features` needs the teacher's modules by name: use a `train` "

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from specs.errors import InputError
 from specs.job import JobSpec
 
 
@@ -25,7 +26,7 @@ class SpecProblem:
         return f"{self.path or '<spec>'}: {self.message}{given}"
 
 
-class SpecError(Exception):
+class SpecError(InputError):
     """A spec that cannot be used; `problems` lists every error found."""
 
     def __init__(self, source: str, problems: list[SpecProblem]):

@@ -97,7 +97,7 @@ def test_qat_int8_of_a_90_percent_sparse_student_is_ten_times_smaller(tmp_path, 
 def test_feature_kd_structured_binary_lenet5(tmp_path, digits_teacher):
     """Feature distillation, structured channel pruning and binary weights in one LeNet-5 job:
     fewer channels and 1-bit weights in the exported file, and a feature term that is learned."""
-    from orchestrator.wandb_file import history_rows, read_records, run_info
+    from wandb_file import history_rows, read_records, run_info
 
     spec = digits_spec(1, group="compress", name="binary", teacher=digits_teacher)
     spec["student"] = {"model": {"kind": "lenet5", "padding": 2}, "epochs": 6, "lr": 0.002,

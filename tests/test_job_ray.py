@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from orchestrator.wandb_file import history_rows, job_history, read_records, run_info
+from wandb_file import history_rows, job_history, read_records, run_info
 
 pytestmark = pytest.mark.ray
 

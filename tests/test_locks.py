@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.locks import LockHeld, exclusive_lock, wait_until_free
+from trainers.locks import LockHeld, exclusive_lock, wait_until_free
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from pathlib import Path; from orchestrator.locks import {fn}; "
+HOLD = ("import sys, time; from pathlib import Path; from trainers.locks import {fn}; "
         "h = {fn}(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
 
 

@@ -13,7 +13,7 @@ import yaml
 from specs import SpecError, parse_spec
 from specs.sweep import expand_sweep
 from test_job_ray import _env, digits_spec, quick_digits_spec
-from orchestrator.wandb_file import history_rows, read_records, run_info
+from wandb_file import history_rows, read_records, run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

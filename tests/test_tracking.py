@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from orchestrator.wandb_file import history_rows, read_records
+from wandb_file import history_rows, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "0123456789abcdef0123456789abcdef01234567"
@@ -25,7 +25,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
     script = textwrap.dedent(f"""
         from pathlib import Path
         from specs import parse_spec
-        from orchestrator.tracking import Tracker
+        from trainers.tracking import Tracker
         spec = parse_spec({{"name": "t", "data": {{"kind": "digits"}},
             "teacher": {{"kind": "train", "model": {{"kind": "mlp", "hidden": [8]}}}},
             "student": {{"model": {{"kind": "mlp", "hidden": [8]}}}},
@@ -59,7 +59,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
 def test_committed_rows_a_stopped_run_never_wrote_are_logged_once(tmp_path):
     """A run killed between a phase's commit and its W&B logging: the next run of the job logs
     that phase's committed rows, and a run after that finds them and logs nothing again."""
-    from orchestrator.wandb_file import job_history
+    from wandb_file import job_history
     from trainers import checkpoint
 
     root = tmp_path / "checkpoints"

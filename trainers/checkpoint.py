@@ -19,11 +19,13 @@ import os
 import shutil
 from pathlib import Path
 
+from specs.errors import InputError
+
 MANIFEST = "COMPLETE.json"
 PARTIAL_PREFIX = ".partial-"
 
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     """A checkpoint folder exists but is not a complete, intact checkpoint."""
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from specs.errors import InputError
 from specs.job import DigitsData, MnistData
 
 
-class DataError(Exception):
+class DataError(InputError):
     """The data named by the spec is missing, damaged or unreadable."""
 
 

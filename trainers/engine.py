@@ -84,7 +84,7 @@ class DistillEngine:
         self.nonfinite_steps = 0
         self._hooks_installed = False
         self._unfused_masters = _unfused_master_copies(self.optimizer)
-        pairs = getattr(spec.distillation, "features", []) if teacher_feature_shapes else []
+        pairs = spec.distillation.features if teacher_feature_shapes else []
         self.teacher_feature_shapes = list(teacher_feature_shapes or [])
         self.feature_weights = [p.weight for p in pairs]
         self.tap = FeatureTap(self.module, [p.student for p in pairs]) if pairs else None

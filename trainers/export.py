@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specs.errors import InputError
 from trainers import codec
 from trainers.models import build_from_architecture
 
@@ -37,7 +38,7 @@ FORMAT = "stillhouse.compressed/1"
 RUNTIMES = ("fp32", "int8_dynamic", "int8_static")
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(InputError, ValueError):
     """The file is not a stillhouse compressed model, or it is damaged."""
 
 

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from specs.errors import InputError
+
 KD_PREFIX = "kd_proj"
 
 
-class FeatureSpecError(ValueError):
+class FeatureSpecError(InputError, ValueError):
     """`distillation.features` names a module the model lacks, or shapes that cannot be matched."""
 
 
@@ -83,7 +85,7 @@ def check_feature_spec(spec, image_shape: tuple, num_classes: int):
     """(student shapes, teacher shapes) of the spec's feature pairs; raises FeatureSpecError."""
     from trainers.models import build_model
 
-    pairs = getattr(spec.distillation, "features", [])
+    pairs = spec.distillation.features
     if not pairs:
         return [], []
     student = build_model(spec.student.model, image_shape, num_classes)

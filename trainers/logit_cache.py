@@ -220,7 +220,7 @@ class _TeacherBatches:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         logits = self.server.logits(batch["data"])
         if self.spec.logits.mode == "topk":
-            temperature = getattr(self.spec.distillation, "temperature", 1.0)
+            temperature = self.spec.distillation.temperature
             return compress_topk(logits, self.spec.logits.top_k, temperature)
         return {"logits": logits}
 
@@ -247,7 +247,7 @@ def fill_cache(spec, blob: bytes, x_train: np.ndarray, num_classes: int, root: P
     )
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
         "mode": spec.logits.mode, "classes": num_classes, "top_k": spec.logits.top_k,
-        "temperature": getattr(spec.distillation, "temperature", 1.0),
+        "temperature": spec.distillation.temperature,
         "precision": spec.teacher_precision,
     })
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):

@@ -37,7 +37,7 @@ def teacher_fingerprint(blob: bytes, precision: str, features: list[str] = ()) -
 
 
 def feature_layers(spec: JobSpec) -> list[str]:
-    return [f.teacher for f in getattr(spec.distillation, "features", [])]
+    return [f.teacher for f in spec.distillation.features]
 
 
 class TeacherReplica:

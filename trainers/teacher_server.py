@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from specs.errors import InputError
 from specs.job import CheckpointTeacher, ExportedTeacher, TrainedTeacher
 from trainers.models import build_model
 
 
-class TeacherLoadError(Exception):
+class TeacherLoadError(InputError):
     """The teacher file is missing, unreadable, or does not fit the model the spec names."""
 
 

@@ -29,8 +29,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from orchestrator.locks import WORKERS_LOCK, shared_lock
-from orchestrator.tracking import Tracker
+from trainers.locks import WORKERS_LOCK, shared_lock
+from trainers.tracking import METRICS_FILE, Tracker, committed_rows, is_logged, mark_logged
 from specs.job import JobSpec
 from trainers import checkpoint
 from trainers.data import Dataset, Prefetcher, epoch_shard, load_dataset
@@ -74,12 +74,12 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
     model = build_model(section.model, data.image_shape, data.num_classes)
     teacher_shapes = None
-    if student and getattr(spec.distillation, "features", None):  # projections train with it
+    if student and spec.distillation.features:  # projections train with it
         student_shapes, teacher_shapes = check_feature_spec(spec, data.image_shape, data.num_classes)
         model.add_module(KD_PREFIX, build_projections(student_shapes, teacher_shapes))
     engine = DistillEngine(
         model, spec, lr=section.lr, micro_batch=section.batch_size,
-        weight_decay=section.weight_decay, grad_clip=getattr(section, "grad_clip", 0.0),
+        weight_decay=section.weight_decay, grad_clip=section.grad_clip,
         world_size=world, teacher_feature_shapes=teacher_shapes,
     )
 
@@ -140,53 +140,34 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
     return int(meta["global_step"])
 
 
-METRICS_FILE = "metrics.jsonl"  # a phase's W&B rows, committed with its checkpoint
-
-
 def stage_tracker(
     spec: JobSpec, run_dir: Path, stage: str, done: list[str], training: bool,
     wandb_config: dict | None, mode: str | None, world_size: int | None = None,
 ) -> Tracker:
-    """The stage's W&B run, which first logs the committed rows that no earlier run of this job
-    wrote (it was stopped between a commit and its logging); a no-op tracker when there is neither
-    training nor such a row. The driver calls it too, for a stage with nothing left to train."""
-    job_type = f"{stage}-workers"
-    unlogged = _unlogged_rows(run_dir / "checkpoints", done, run_dir, job_type)
+    """The stage's W&B run, which first logs the committed phases whose rows never reached W&B
+    (the run that committed them was stopped before it logged them: the ledger has no mark); a
+    no-op tracker when there is neither training nor such a phase. The driver calls it too, for
+    a stage with nothing left to train."""
+    root = run_dir / "checkpoints"
+    unlogged = [name for name in done if not is_logged(root / name)]
     if not (training or unlogged):
         return Tracker(None)
     tracker = Tracker.start(
-        spec, run_dir, job_type=job_type, name=f"{spec.name}-{stage}",
+        spec, run_dir, job_type=f"{stage}-workers", name=f"{spec.name}-{stage}",
         config={"spec": spec.model_dump(mode="json"), "world_size": world_size,
                 "resumed_after": done[-1] if done else None, **(wandb_config or {})},
         mode=mode,
     )
-    for step, row in unlogged:
-        tracker.log(row, step=step)
-    if unlogged:
-        _print0(f"[resume] logged {len(unlogged)} W&B rows of committed phases that the stopped "
-                "run had not")
+    rows = 0
+    for name in unlogged:
+        for step, row in committed_rows(root / name):
+            tracker.log(row, step=step)
+            rows += 1
+        mark_logged(root / name, tracker.run_id)
+    if rows:
+        _print0(f"[resume] logged {rows} W&B rows of committed phases that the stopped run had "
+                "not")
     return tracker
-
-
-def _unlogged_rows(root: Path, done: list[str], run_dir: Path, job_type: str) -> list:
-    """(step, row) of committed phases whose step is in no earlier W&B run file of this job.
-
-    W&B gets a phase's rows only after the phase commits, so a stopped run never logged a step
-    that a resume repeats; a run stopped between its commit and its logging left rows out, and
-    they are logged here, once.
-    """
-    if not done:
-        return []
-    from orchestrator.wandb_file import logged_steps
-
-    seen = logged_steps(run_dir, job_type)
-    rows = []
-    for name in done:
-        path = root / name / METRICS_FILE
-        if path.is_file():  # verified with its checkpoint
-            rows += [(r["step"], r["row"]) for r in map(json.loads, path.read_text().splitlines())
-                     if r["step"] not in seen]
-    return rows
 
 
 def _run_phase(
@@ -207,8 +188,8 @@ def _run_phase(
         base_lr = section.lr * spec.quantization.lr_scale
     steps_per_epoch = len(epoch_shard(len(data.y_train), section.batch_size, 0, spec.seed, rank, world))
     total_steps = phase.epochs * steps_per_epoch
-    temperature = getattr(spec.distillation, "temperature", 1.0)
-    alpha = getattr(spec.distillation, "alpha", 0.0)
+    temperature = spec.distillation.temperature
+    alpha = spec.distillation.alpha
     step_in_phase, skipped, samples, losses = 0, 0, 0, []
     wandb_rows: dict[int, dict] = {}  # W&B rows by step, logged once the phase has committed
     started = time.perf_counter()
@@ -279,8 +260,10 @@ def _run_phase(
         })
     wandb_rows[global_step] = {**wandb_rows.get(global_step, {}), **phase_metrics}
     _save(engine, root, phase.name, meta, all_weights, rank, wandb_rows)
-    for step in sorted(wandb_rows):  # committed: now they can go to W&B (no resume repeats them)
-        tracker.log(wandb_rows[step], step=step)
+    if rank == 0:  # committed: now they can go to W&B, and the ledger says so
+        for step in sorted(wandb_rows):
+            tracker.log(wandb_rows[step], step=step)
+        mark_logged(root / phase.name, tracker.run_id)
     _print0(
         f"[{stage}] {phase.name} done: accuracy {accuracy:.4f}, sparsity {meta['sparsity']:.4f}, "
         f"{model_nonzero:,}/{model_total:,} nonzero, {wall:.1f}s"

@@ -7,8 +7,8 @@ Python reader for it, so stillhouse carries this one; the records themselves are
 own `wandb_internal_pb2.Record`. A file whose writer was killed ends in a cut chunk: reading stops
 before it.
 
-The job reads its own earlier runs' files on a resume, to log each step exactly once (see
-`logged_steps`); the tests read what a job logged.
+The tests read what a job logged (the job itself keeps a ledger of what it handed to W&B, see
+trainers/tracking.py, and never parses these files).
 """
 
 from __future__ import annotations

@@ -5,16 +5,52 @@ under `<run_dir>/wandb/` that `wandb sync` uploads later. (An online init with n
 for about 90 s, so `auto` never tries online without a key.) The driver and rank 0 of every worker
 group each own one run; all runs of a job share the spec's group. Workers log a phase's rows once
 it has committed (trainers/worker.py), so the runs of a stopped job and of its resume hold each
-step once; `orchestrator/wandb_file.py` reads the run files back.
+step once: the W&B ledger below says which committed phases have reached W&B. (The tests read the
+run files back with `tests/wandb_file.py`; the job itself never parses wandb's files.)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import json
 from pathlib import Path
 
 from specs.job import JobSpec
+
+# ------------------------------------------------------------------------------- the ledger
+
+METRICS_FILE = "metrics.jsonl"  # in a checkpoint: the phase's W&B rows, committed with it
+LEDGER_FILE = "wandb-logged.json"  # in a checkpoint: written once those rows went to W&B
+
+
+def committed_rows(folder: Path) -> list[tuple[int, dict]]:
+    """(step, row) of the W&B rows a committed phase holds (verified with its checkpoint)."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [(r["step"], r["row"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def is_logged(folder: Path) -> bool:
+    return (Path(folder) / LEDGER_FILE).is_file()
+
+
+def mark_logged(folder: Path, run_id: str | None) -> None:
+    """Record that a committed phase's rows were handed to W&B (by the run `run_id`).
+
+    Written after `Tracker.log` returned: a process killed between the two leaves the phase
+    unmarked, and the next run of the job logs its rows again (a duplicate, never a gap).
+    The ledger sits beside the checkpoint's manifest, not in it: the checkpoint stays sealed.
+    """
+    path = Path(folder) / LEDGER_FILE
+    tmp = path.with_name(LEDGER_FILE + ".partial")
+    with open(tmp, "w") as f:
+        json.dump({"run_id": run_id}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
 
 
 def git_revision() -> str | None:
@@ -91,6 +127,10 @@ class Tracker:
                                  f"{run_dir / 'wandb'}; `wandb sync` uploads it later\n")
                 sys.stdout.flush()
         return cls(init("offline"), "offline")
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self._run is None else self._run.id
 
     @property
     def run_file(self) -> str | None:

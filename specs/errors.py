@@ -1,0 +1,15 @@
+"""The two kinds of failure a user sees, shared by every layer (this is the lowest one).
+
+`InputError`: what the user gave cannot be used (spec, data, model or teacher file, run dir,
+checkpoint, resources the cluster lacks). The command line prints it and exits with status 2;
+nothing already committed is touched. `JobError`: a job that started failed while running
+(exit status 1); what it committed before the failure stays on disk for a rerun to resume.
+"""
+
+
+class InputError(Exception):
+    """Bad input: a clear one-line (or listed) message, exit status 2."""
+
+
+class JobError(RuntimeError):
+    """The job could not finish; what was committed before the failure stays on disk."""
