@@ -23,15 +23,79 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------- data
 
 
-class DigitsData(Strict):
+class Normalization(Strict):
+    """Per-channel mean and standard deviation of pixel values in [0, 1]."""
+
+    mean: list[float] = Field(min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "Normalization":
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"`mean` has {len(self.mean)} values but `std` has {len(self.std)}")
+        return self
+
+
+class Augmentation(Strict):
+    """Training-time augmentation, applied to each training batch before both the teacher and
+    the student see it (never to the test set). Off by default."""
+
+    random_crop_padding: int = Field(
+        0, ge=0, le=32, description="pad by this many pixels, then crop back at a random "
+        "offset: random shifts of up to this many pixels"
+    )
+    hflip: bool = Field(False, description="mirror half the images left to right")
+
+    @property
+    def enabled(self) -> bool:
+        return self.random_crop_padding > 0 or self.hflip
+
+
+class ImagePreprocessing(Strict):
+    """What every image source does to its images, in this order: resize to `image_size`,
+    convert to `channels`, scale pixels to [0, 1], normalize. The teacher receives exactly the
+    tensor the student receives (after augmentation during training)."""
+
+    image_size: tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None, description="[height, width] to resize every image to (bilinear, antialiased); "
+        "required when the images differ in size"
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 (grey) or 3 (RGB); default: as the images are"
+    )
+    normalize: Literal["auto", "none"] | Normalization = Field(
+        "auto", description="`auto`: mean and std per channel computed once on the training "
+        "set (recorded in the report); `none`: pixels in [0, 1], e.g. for a teacher exported with "
+        "its own normalization folded in; or `{mean: [...], std: [...]}`"
+    )
+    augment: Augmentation = Field(default_factory=Augmentation)
+
+    @model_validator(mode="after")
+    def _normalization_fits_channels(self) -> "ImagePreprocessing":
+        if isinstance(self.normalize, Normalization) and self.channels is not None:
+            if len(self.normalize.mean) not in (1, self.channels):
+                raise ValueError(
+                    f"`normalize` gives {len(self.normalize.mean)} values for `channels` "
+                    f"{self.channels}: give one per channel (or one for all)"
+                )
+        return self
+
+
+class DigitsData(ImagePreprocessing):
     """scikit-learn's bundled 8x8 digits (1797 images); works offline, no data dir needed."""
 
     kind: Literal["digits"]
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share, stratified")
+    normalize: Literal["auto", "none"] | Normalization = Field(
+        "none", description="default `none`: pixels in [0, 1] (see `ImagePreprocessing`)"
+    )
 
 
-class MnistData(Strict):
-    """MNIST from the four IDX files in `<data_dir>/mnist/`, verified by uncompressed md5."""
+MNIST_NORMALIZATION = {"mean": [0.1307], "std": [0.3081]}
+
+
+class MnistData(ImagePreprocessing):
+    """MNIST: the `idx` source with MNIST's file names and md5 sums, in `<data_dir>/mnist/`."""
 
     kind: Literal["mnist"]
     dir: str | None = Field(
@@ -43,9 +107,96 @@ class MnistData(Strict):
     train_limit: int | None = Field(
         None, gt=0, le=60000, description="use only the first N training images (quick runs)"
     )
+    normalize: Literal["auto", "none"] | Normalization = Field(
+        default_factory=lambda: Normalization(**MNIST_NORMALIZATION),
+        description="default: MNIST's usual mean 0.1307 and std 0.3081",
+    )
 
 
-DataSpec = Annotated[Union[DigitsData, MnistData], Field(discriminator="kind")]
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+class IdxFiles(Strict):
+    """The four IDX files of a set, relative to its `dir` (gzip-compressed or not)."""
+
+    train_images: str = IDX_FILES["train_images"]
+    train_labels: str = IDX_FILES["train_labels"]
+    test_images: str = IDX_FILES["test_images"]
+    test_labels: str = IDX_FILES["test_labels"]
+
+
+class IdxData(ImagePreprocessing):
+    """Any data set in MNIST's IDX format (unsigned-byte images (N, H, W) or (N, H, W, C), labels
+    (N,)), such as Fashion-MNIST or KMNIST. Loaded into memory."""
+
+    kind: Literal["idx"]
+    dir: str | None = Field(
+        None, description="the folder holding the files; `--data-dir` on the command line overrides it"
+    )
+    files: IdxFiles = Field(default_factory=IdxFiles)
+    md5: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(
+        default_factory=dict, description="file name -> md5 of its uncompressed bytes; files "
+        "named here are verified, others are not"
+    )
+    classes: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=2, description="class names by label; default: the labels as text"
+    )
+    train_limit: int | None = Field(None, gt=0, description="use only the first N training images")
+
+
+SOURCE_URI = r"^[^\s]+$"
+
+
+class StreamedImages(ImagePreprocessing):
+    """Settings shared by the streamed sources. Their images are decoded, resized and converted
+    once by parallel Ray tasks into a prepared copy (uint8 shards on disk, keyed by the source
+    files and the preprocessing), which Ray Data then streams to the workers every epoch; no
+    process ever holds the whole set."""
+
+    cache_dir: str | None = Field(
+        None, description="where prepared copies go; default `<run dir>/../data-cache`"
+    )
+    shard_rows: int = Field(
+        4096, ge=16, description="rows per prepared shard: a unit of reading and of the file-level "
+        "shuffle"
+    )
+    shuffle_buffer_rows: int = Field(
+        8192, ge=0, description="rows each worker shuffles among locally as they stream by "
+        "(0: file-level shuffle only)"
+    )
+    classes: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=2, description="class names; integer labels index this list, string "
+        "labels must be in it. Default: folder names (image_folder), or the sorted labels"
+    )
+
+
+class ParquetData(StreamedImages):
+    """Parquet files whose rows hold an image (PNG/JPEG bytes, or an array of pixels) and a
+    label. Paths are globs, local or any URI pyarrow's file systems read (s3://, gs://, ...)."""
+
+    kind: Literal["parquet"]
+    train: str = Field(min_length=1, pattern=SOURCE_URI, description="glob of training files")
+    test: str = Field(min_length=1, pattern=SOURCE_URI, description="glob of test files")
+    image_column: str = Field("image", min_length=1)
+    label_column: str = Field("label", min_length=1)
+
+
+class ImageFolderData(StreamedImages):
+    """Image files laid out as `DIR/<class name>/<file>` (PNG, JPEG, ... anything Pillow reads),
+    one folder per class, as torchvision's ImageFolder reads them."""
+
+    kind: Literal["image_folder"]
+    train: str = Field(min_length=1, pattern=SOURCE_URI, description="folder of class folders")
+    test: str = Field(min_length=1, pattern=SOURCE_URI, description="folder of class folders")
+
+
+DataSpec = Annotated[
+    Union[DigitsData, MnistData, IdxData, ParquetData, ImageFolderData],
+    Field(discriminator="kind"),
+]
 
 
 # ------------------------------------------------------------------------------------- models
@@ -65,7 +216,74 @@ class LeNet5Model(Strict):
     padding: int = Field(0, ge=0, le=2, description="conv padding; 2 lets 8x8 digits through")
 
 
-ModelSpec = Annotated[Union[MLPModel, LeNet5Model], Field(discriminator="kind")]
+# keyword arguments the data or stillhouse decides: given in `kwargs` they would say things twice
+# (or download weights)
+RESERVED_KWARGS = {
+    "timm": ("num_classes", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+             "checkpoint_path"),
+    "torchvision": ("num_classes", "weights", "weights_backbone", "progress"),
+    "python": ("num_classes", "in_channels"),
+}
+JsonValue = Union[None, bool, int, float, str, list[Any], dict[str, Any]]
+
+
+class _RegistryModel(Strict):
+    kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict, description="keyword arguments of the builder"
+    )
+
+    @model_validator(mode="after")
+    def _no_reserved_kwargs(self):
+        reserved = sorted(set(self.kwargs) & set(RESERVED_KWARGS[self.kind]))
+        if reserved:
+            raise ValueError(
+                f"`kwargs` must not set {reserved}: the number of classes and input channels "
+                "come from the data, and weights come from the teacher's `path` (nothing is "
+                "downloaded)"
+            )
+        return self
+
+
+class TimmModel(_RegistryModel):
+    """Any model of timm's registry, built with `timm.create_model(name, pretrained=False,
+    num_classes=<from the data>, in_chans=<from the data>, **kwargs)`."""
+
+    kind: Literal["timm"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.]+$", description="e.g. resnet18")
+
+
+class TorchvisionModel(_RegistryModel):
+    """Any classification model of torchvision's registry, built with
+    `torchvision.models.get_model(name, weights=None, num_classes=<from the data>, **kwargs)`;
+    a first convolution made for 3 channels is rebuilt for the data's channels."""
+
+    kind: Literal["torchvision"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$", description="e.g. mobilenet_v3_small")
+
+
+class PythonModel(_RegistryModel):
+    """A model built by your own code: `factory` is `package.module:function`, called as
+    `function(num_classes=..., in_channels=..., **kwargs)` and returning an `nn.Module` that maps
+    (B, C, H, W) to (B, num_classes). A spec alone never runs code: the factory's top-level
+    package must be trusted on the command line (`--trust-module PACKAGE`) or in
+    `STILLHOUSE_TRUSTED_MODULES`."""
+
+    kind: Literal["python"]
+    factory: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="`package.module:function`",
+    )
+
+    @property
+    def package(self) -> str:
+        """The top-level package that must be trusted."""
+        return self.factory.split(":")[0].split(".")[0]
+
+
+ModelSpec = Annotated[
+    Union[MLPModel, LeNet5Model, TimmModel, TorchvisionModel, PythonModel],
+    Field(discriminator="kind"),
+]
 
 
 # ------------------------------------------------------------------------------------ teacher
@@ -491,12 +709,30 @@ class JobSpec(Strict):
                     "`distillation.features` needs the teacher pool every step: set "
                     "`logits.mode: online` (the logit cache holds logits only)"
                 )
-        if isinstance(self.data, DigitsData):
-            for section, spec in (("teacher", self.teacher), ("student", self.student)):
-                model = getattr(spec, "model", None)
+        if isinstance(self.data, DigitsData) and self.data.image_size is None:
+            for section, model in (("teacher", self.teacher_model), ("student", self.student.model)):
                 if isinstance(model, LeNet5Model) and model.padding < 2:
                     raise ValueError(
-                        f"`{section}.model` lenet5 on 8x8 `digits` needs `padding: 2`"
+                        f"`{section}.model` lenet5 on 8x8 `digits` needs `padding: 2` (or "
+                        "`data.image_size` of at least [28, 28])"
                     )
+        if self.data.augment.enabled and self.logits.mode != "online":
+            raise ValueError(
+                f"`logits.mode: {self.logits.mode}` with `data.augment`: a cache holds the "
+                "teacher's logits for the images as stored, not for this epoch's random crops "
+                "and flips; use `logits.mode: online` (the teacher then sees each augmented batch)"
+            )
         return self
+
+    @property
+    def teacher_model(self) -> ModelSpec | None:
+        """The teacher's model section (None for an exported program, which carries its own)."""
+        return None if isinstance(self.teacher, ExportedTeacher) else self.teacher.model
+
+    def model_specs(self) -> list[tuple[str, ModelSpec]]:
+        """(YAML path, model spec) of every model the job builds from the spec."""
+        found = [("student.model", self.student.model)]
+        if self.teacher_model is not None:
+            found.insert(0, ("teacher.model", self.teacher_model))
+        return found
 
