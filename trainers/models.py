@@ -79,13 +79,21 @@ def architecture(
 
 
 def build_from_architecture(arch: dict) -> nn.Module:
+    """The model `arch` describes; with `module_shapes` (structured pruning removed channels),
+    the full-size model is built and those modules are resized to the recorded shapes."""
     c, h, w = (int(v) for v in arch["image_shape"])
     if arch["kind"] == "mlp":
-        return MLP(c * h * w, [int(v) for v in arch["hidden"]], int(arch["num_classes"]))
-    if arch["kind"] == "lenet5":
+        model = MLP(c * h * w, [int(v) for v in arch["hidden"]], int(arch["num_classes"]))
+    elif arch["kind"] == "lenet5":
         widths = tuple(int(v) for v in arch["widths"])
-        return LeNet5((c, h, w), int(arch["num_classes"]), int(arch["padding"]), widths)
-    raise ValueError(f"unknown architecture kind {arch['kind']!r}")
+        model = LeNet5((c, h, w), int(arch["num_classes"]), int(arch["padding"]), widths)
+    else:
+        raise ValueError(f"unknown architecture kind {arch['kind']!r}")
+    if "module_shapes" in arch:
+        from trainers.structured import reshape_modules
+
+        reshape_modules(model, arch["module_shapes"])
+    return model
 
 
 def count_params(model: nn.Module) -> int:
