@@ -59,9 +59,10 @@ def compress_and_export(
         are cut out, and what is left is dense."""
         state = load_file(str(root / name / "model.safetensors"))
         masks = {k: v.bool() for k, v in load_file(str(root / name / "masks.safetensors")).items()}
-        if structured:
-            arch, state = shrink(full_arch, state, masks, build_from_architecture(full_arch))
-            return arch, state, {}
+        if structured:  # the export records the smaller modules' shapes beside the full ones
+            small, shapes = shrink(model_of(full_arch, state), masks,
+                                   torch.zeros(2, *data.image_shape))
+            return {**full_arch, "module_shapes": shapes}, small.state_dict(), {}
         return full_arch, state, masks
 
     def model_of(arch_, state_):

@@ -127,7 +127,9 @@ def test_feature_kd_structured_binary_lenet5(tmp_path, digits_teacher):
 
     model, meta = _reload(run_dir, report)
     assert not any(k.startswith("kd_proj") for k in meta["layout"])
-    widths = meta["architecture"]["widths"]
+    shapes = meta["architecture"]["module_shapes"]  # the full LeNet-5, resized on loading
+    widths = [shapes["features.0"]["out_channels"], shapes["features.2"]["out_channels"],
+              shapes["classifier.0"]["out_features"]]
     full = LeNet5((1, 8, 8), 10, padding=2)
     assert widths == [10, 25, 250]  # each layer keeps half its channels
     assert report["export"]["params"] < 0.7 * count_params(full)

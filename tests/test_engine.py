@@ -205,3 +205,66 @@ def test_deepspeed_checkpoints_load_weights_only(tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         _engine("bf16", 1).load_deepspeed(str(tmp_path / "ds"), tag="t")
     assert not marker.exists()
+
+
+class _ResidualCNN(torch.nn.Module):
+    """conv-BN-ReLU, a residual block and a linear classifier: (B, 1, 8, 8) -> (B, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.fc(torch.relu(h + self.block(h)).mean((2, 3)))
+
+
+def test_channel_masks_hold_on_batchnorm_and_residual_layers_and_shrink_to_the_same_model():
+    from trainers.structured import shrink
+
+    # fp32 under ZeRO 1: DeepSpeed still keeps a separate fp32 master copy, partitioned
+    spec = _spec("fp32", 1, pruning={"granularity": "channel", "scope": "layer", "rounds": 1,
+                                     "target_sparsity": 0.5, "schedule": {"kind": "oneshot"}})
+    torch.manual_seed(0)
+    engine = DistillEngine(_ResidualCNN(), spec, lr=0.02, micro_batch=16, weight_decay=0.0,
+                           grad_clip=1.0, world_size=1, input_shape=(1, 8, 8), num_classes=10)
+    assert {"stem.1.weight", "stem.1.bias", "block.4.weight", "fc.weight"} <= set(engine.prunable)
+    assert "fc.bias" not in engine.prunable  # the classes are never pruned
+    for _ in range(3):
+        engine.train_step(*_batch(), 2.0, 0.5)
+    engine.prune_to(0.5)
+    dead = {n: ~engine.masks[n].flatten(1).any(1) for n in ("stem.0.weight", "block.3.weight")}
+    assert int(dead["stem.0.weight"].sum()) == 4  # the residual stream: 4 of 8 channels
+    assert torch.equal(dead["stem.0.weight"], dead["block.3.weight"])  # pruned together
+    assert torch.equal(~engine.masks["stem.1.weight"], dead["stem.0.weight"])  # and its BatchNorm
+    for _ in range(5):
+        assert engine.train_step(*_batch(), 2.0, 0.5) is not None
+    assert engine._master_fragment(engine.prunable["stem.1.weight"]) is not None  # a 2nd copy
+    assert engine.masked_nonzero() == (0, 0)  # module parameters, master fragments
+    weights = engine.full_fp32_weights()
+    for name, mask in engine.masks.items():
+        assert torch.count_nonzero(weights[name][~mask]) == 0, name  # fp32 master copy
+
+    # the trained fp32 weights, channels zeroed, compute what the shrunk model computes
+    model = _ResidualCNN()
+    buffers = {k: v.float() for k, v in engine.module.state_dict().items() if k not in weights}
+    model.load_state_dict({**weights, **buffers})
+    model.eval()
+    small, shapes = shrink(model, engine.masks, torch.zeros(2, 1, 8, 8))
+    assert shapes["stem.0"]["out_channels"] == shapes["block.3"]["out_channels"] == 4
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        # fewer terms per sum: fp32 rounding differs at ~1e-7 relative per layer
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
+
+    without_shape = DistillEngine(_ResidualCNN(), spec, lr=0.02, micro_batch=16,
+                                  weight_decay=0.0, grad_clip=1.0, world_size=1)
+    with pytest.raises(RuntimeError, match="input_shape"):
+        without_shape.prune_to(0.5)

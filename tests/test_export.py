@@ -134,13 +134,24 @@ def test_fake_quant_forward_equals_quantized_weights():
     assert set(model.state_dict()) == set(reference.state_dict())  # same names: DeepSpeed-safe
 
 
+def _reads(group):
+    """(root, the layer reading its channels, positions per channel there): each channel c is
+    read at `block` consecutive positions c * block ... c * block + block - 1."""
+    (reader,) = [s for s in group.slices if s.role == "in"]
+    block = len(reader.index) // group.channels
+    assert reader.dim == 1 and reader.index == tuple(range(group.channels * block))
+    assert reader.channel == tuple(c for c in range(group.channels) for _ in range(block))
+    return group.root, reader.parameter.removesuffix(".weight"), block
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_structured_pruning_removes_channels_without_changing_outputs(scope):
     torch.manual_seed(4)
     arch = architecture(LeNet5Model(kind="lenet5", padding=2), (1, 8, 8), 10)
     model = build_from_architecture(arch).eval()
-    groups = channel_groups(model)
-    assert [(g.layer, g.next_layer, g.block) for g in groups] == [
+    example = torch.zeros(2, 1, 8, 8)
+    groups = channel_groups(model, example, 10)
+    assert [_reads(g) for g in groups] == [
         ("features.0", "features.2", 1), ("features.2", "classifier.0", 4),
         ("classifier.0", "classifier.2", 1)]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -148,17 +159,20 @@ def test_structured_pruning_removes_channels_without_changing_outputs(scope):
     if scope == "global":
         assert sum(int((~k).sum()) for k in kept.values()) == round(0.5 * (20 + 50 + 500))
     else:
-        assert [int(kept[g.layer].sum()) for g in groups] == [10, 25, 250]
+        assert [int(kept[g.root].sum()) for g in groups] == [10, 25, 250]
     masked = {k: v * masks[k] for k, v in state.items()}
     model.load_state_dict(masked)
-    small_arch, small_state = shrink(arch, masked, masks, model)
-    small = build_from_architecture(small_arch).eval()
-    small.load_state_dict(small_state)
-    assert small_arch["widths"] == [int(kept[g.layer].sum()) for g in groups]
-    assert count_params(small) < 0.6 * count_params(model)
+    small, shapes = shrink(model, masks, example)
+    small_arch = {**arch, "module_shapes": shapes}
+    rebuilt = build_from_architecture(small_arch).eval()
+    rebuilt.load_state_dict(small.state_dict())  # strict: every key, every shape
+    widths = [shapes["features.0"]["out_channels"], shapes["features.2"]["out_channels"],
+              shapes["classifier.0"]["out_features"]]
+    assert widths == [int(kept[g.root].sum()) for g in groups]
+    assert count_params(rebuilt) < 0.6 * count_params(model)
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(model(x), small(x), atol=1e-5)
+        assert torch.allclose(model(x), rebuilt(x), atol=1e-5)
     # a second round keeps the first round's channels pruned
     masks2, kept2 = channel_masks(masked, groups, 0.7, norm="l2", scope=scope, previous=masks)
     assert all(bool((kept2[n] <= kept[n]).all()) for n in kept)

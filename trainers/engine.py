@@ -54,13 +54,27 @@ class DistillEngine:
         self, model: nn.Module, spec: JobSpec, *, lr: float, micro_batch: int,
         weight_decay: float, grad_clip: float, world_size: int,
         teacher_feature_shapes: list[tuple] | None = None,
+        input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
     ):
         """With feature KD the model carries its projections under `kd_proj` already, and
-        `teacher_feature_shapes` are the shapes of the teacher features that arrive per step."""
+        `teacher_feature_shapes` are the shapes of the teacher features that arrive per step.
+        Channel pruning needs the shape of one input sample and the number of classes: the
+        model's channel groups are traced once, here, from a batch of zeros of that shape."""
         import deepspeed  # heavy; imported only inside workers
 
         _no_shared_memory_comm_op()
         self.spec = spec
+        self.channel_groups = None
+        pruning = spec.pruning
+        if pruning.enabled and pruning.granularity == "channel" and input_shape is not None:
+            from trainers.structured import channel_groups
+
+            # before DeepSpeed casts or moves the model: traced in fp32 on its own device
+            param = next(model.parameters())
+            self.channel_groups = channel_groups(
+                model, torch.zeros(2, *input_shape, dtype=param.dtype, device=param.device),
+                num_classes, include=None if pruning.layers == "all" else list(pruning.layers),
+            )
         config = deepspeed_config(
             spec, micro_batch=micro_batch, world_size=world_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip,
@@ -78,7 +92,13 @@ class DistillEngine:
         self.module: nn.Module = self.engine.module
         # the module's own dtype; under bf16_autocast it stays fp32 and DeepSpeed's forward casts
         self.dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-        self.prunable = prunable_parameters(self.module, spec.pruning)
+        if self.channel_groups is not None:  # every tensor a pruned channel touches, BatchNorm too
+            from trainers.structured import pruned_parameters
+
+            params = dict(self.module.named_parameters())
+            self.prunable = {n: params[n] for n in pruned_parameters(self.channel_groups)}
+        else:
+            self.prunable = prunable_parameters(self.module, spec.pruning)
         self.masks: dict[str, torch.Tensor] = {}
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.nonfinite_steps = 0
@@ -181,11 +201,12 @@ class DistillEngine:
         weights = self.full_fp32_weights(list(self.prunable))
         pruning = self.spec.pruning
         if pruning.granularity == "channel":
-            from trainers.structured import channel_groups, channel_masks
+            from trainers.structured import channel_masks
 
-            layers = None if pruning.layers == "all" else list(pruning.layers)
+            if self.channel_groups is None:
+                raise RuntimeError("channel pruning needs the engine's `input_shape`")
             masks, _ = channel_masks(
-                weights, channel_groups(self.module, layers), sparsity, norm=pruning.norm,
+                weights, self.channel_groups, sparsity, norm=pruning.norm,
                 scope=pruning.scope, previous=self.masks or None,
             )
             threshold = None  # channels, not weights: no single magnitude

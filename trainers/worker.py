@@ -81,6 +81,7 @@ def train_worker(config: dict) -> None:
         model, spec, lr=section.lr, micro_batch=section.batch_size,
         weight_decay=section.weight_decay, grad_clip=section.grad_clip,
         world_size=world, teacher_feature_shapes=teacher_shapes,
+        input_shape=data.image_shape if student else None, num_classes=data.num_classes,
     )
 
     # held while this worker lives: a new driver for this run dir waits until it has gone
