@@ -4,7 +4,8 @@ Runs in the driver (or in `stillhouse export RUN_DIR`) from committed checkpoint
 be re-run on a finished run dir without training anything:
 
     1. the final phase's fp32 weights and masks; structured pruning cuts dead channels out
-    2. post-training quantization (dynamic / static) or the weights QAT / binarization trained
+    2. post-training quantization (dynamic / static) or the weights QAT / binarization / weight
+       sharing trained
     3. `student.compressed.safetensors` (trainers/export.py), then reloaded from disk and checked
        to predict exactly what the in-memory model predicts
     4. accuracy, file size and CPU latency (batch 1 and 256) of teacher, dense student, pruned
@@ -104,16 +105,18 @@ def compress_and_export(
             "latency_ms": timings(pruned_model),
         })
 
-    kinds = layer_kinds(pruned_model, method)
+    kinds = layer_kinds(pruned_model, method, spec.quantization.bits)
     calibration = torch.from_numpy(data.x_train[: spec.quantization.calibration_samples]).float()
     if trained_quantized:
         # QAT is compared with both post-training int8 methods, binary / ternary with the same
-        # codes applied without fine-tuning
+        # codes applied without fine-tuning, weight sharing with k-means' shared values
         for ptq_method in (("dynamic", "static") if method == "qat" else (method,)):
-            ptq_kinds = layer_kinds(pruned_model, ptq_method)
+            ptq_kinds = layer_kinds(pruned_model, ptq_method, spec.quantization.bits)
             ptq_float = model_of(arch, quantize_state(pruned_state, ptq_kinds, pruned_masks))
             if ptq_method == "static":
                 ptq = static_int8(ptq_float, calibrate_static(ptq_float, calibration), image_shape)
+            elif ptq_method == "kmeans":
+                ptq = ptq_float  # shared values run as fp32 weights
             else:
                 ptq = dynamic_int8(ptq_float)
             label = {"dynamic": "int8 dynamic", "static": "int8 static"}.get(ptq_method, ptq_method)
@@ -121,7 +124,7 @@ def compress_and_export(
                 "name": f"post-training {label} (no fine-tuning)",
                 "accuracy": accuracy(ptq, data.x_test, data.y_test)[0], "file_bytes": None,
                 "params": count_params(pruned_model), "nonzero_params": _nonzero(pruned_state),
-                "bits": BITS[_main_kind(ptq_kinds)],
+                "bits": _bits(ptq_kinds, pruned_state, pruned_masks),
             })
 
     # the weights to export: after the quantized fine-tuning, or the pruned ones read above
@@ -133,12 +136,12 @@ def compress_and_export(
     if method == "static":
         ranges = calibrate_static(q_float, calibration)
         runtime, compressed = "int8_static", static_int8(q_float, ranges, image_shape)
-    elif method == "none":
+    elif method in ("none", "kmeans"):  # shared values: fp32 weights from the codebooks
         runtime, compressed = "fp32", q_float
     else:
         runtime, compressed = "int8_dynamic", dynamic_int8(q_float)
     acc, pred = accuracy(compressed, data.x_test, data.y_test)
-    bits = BITS[_main_kind(kinds)] if kinds else 32
+    bits = _bits(kinds, q_state, masks)
     prunable = [n for n in q_state if n.endswith(".weight")]
     sparsity = 1.0 - sum(int(torch.count_nonzero(q_state[n])) for n in prunable) / max(
         1, sum(q_state[n].numel() for n in prunable))
@@ -149,6 +152,8 @@ def compress_and_export(
         "params": count_params(q_float), "nonzero_params": _nonzero(q_state),
         "dense_params": count_params(dense_model), "spec_hash": spec_hash(spec), "name": spec.name,
     }
+    if method == "kmeans":  # the code width of each layer; `bits` is their mean per kept weight
+        manifest["layer_bits"] = {n: BITS[k] for n, k in weight_kinds(kinds).items()}
     path = run_path / COMPRESSED_FILE
     layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
                               kinds=weight_kinds(kinds), runtime=runtime, manifest=manifest,
@@ -184,6 +189,21 @@ def _nonzero(state: dict[str, torch.Tensor]) -> int:
     return sum(int(torch.count_nonzero(v)) for v in state.values())
 
 
+def _bits(kinds: dict[str, str], state: dict[str, torch.Tensor],
+          masks: dict[str, torch.Tensor]) -> int | float:
+    """Bits per stored weight: for weight sharing the layers' code widths averaged over their
+    kept weights (two decimals); otherwise the method's kind's (32 when nothing is quantized)."""
+    from trainers.codec import BITS, SHARED
+    from trainers.quantize import weight_kinds
+
+    shared = {n: k for n, k in weight_kinds(kinds).items() if k in SHARED}
+    if not shared:
+        return BITS[_main_kind(kinds)] if kinds else 32
+    kept = {n: int(masks[n].sum()) if n in masks else state[n].numel() for n in shared}
+    mean = sum(BITS[k] * kept[n] for n, k in shared.items()) / max(1, sum(kept.values()))
+    return int(mean) if mean == int(mean) else round(mean, 2)
+
+
 def _main_kind(kinds: dict[str, str]) -> str:
     """The method's kind (binary / ternary networks keep their first and last layers at int8)."""
     values = set(kinds.values())
@@ -194,7 +214,9 @@ def _label(spec: JobSpec) -> str:
     parts = []
     if spec.pruning.enabled:
         parts.append(f"{spec.pruning.target_sparsity:.0%} {spec.pruning.granularity} pruned")
-    if spec.quantization.method != "none":
+    if spec.quantization.method == "kmeans":
+        parts.append("kmeans, fp32 runtime")
+    elif spec.quantization.method != "none":
         parts.append(spec.quantization.method)
     return ", ".join(parts) or "fp32"
 

@@ -481,6 +481,14 @@ class PruningSpec(Strict):
 # ------------------------------------------------------------------------------- quantization
 
 
+class KMeansBits(Strict):
+    """Bits per layer type for `kmeans` weight sharing: a layer's kept weights share at most
+    2^bits values (Deep Compression used 5 for fully connected and 8 for conv layers)."""
+
+    linear: int = Field(5, ge=1, le=8, description="Linear layers")
+    conv: int = Field(8, ge=1, le=8, description="Conv2d layers")
+
+
 class QuantizationSpec(Strict):
     """What happens to the student's weights after pruning (see trainers/quantize.py).
 
@@ -492,11 +500,18 @@ class QuantizationSpec(Strict):
     (straight-through estimator), then the `dynamic` conversion.
     `binary` / `ternary`: the same fine-tuning with 1-bit sign (or 2-bit -1/0/+1) weights times a
     per-channel scale; the first and last layers stay int8.
+    `kmeans`: weight sharing (Deep Compression): each layer's kept weights are clustered by
+    k-means into at most 2^bits shared values (`bits` per layer type), fine-tuned for
+    `finetune_epochs` with a fixed assignment; stored as a codebook plus b-bit codes, run as fp32.
     """
 
-    method: Literal["none", "dynamic", "static", "qat", "binary", "ternary"] = "none"
+    method: Literal["none", "dynamic", "static", "qat", "binary", "ternary", "kmeans"] = "none"
     finetune_epochs: int = Field(
-        3, ge=1, description="qat / binary / ternary: distillation epochs on quantized weights"
+        3, ge=1,
+        description="qat / binary / ternary / kmeans: distillation epochs on quantized weights",
+    )
+    bits: KMeansBits = Field(
+        default_factory=KMeansBits, description="kmeans: bits per layer type, 1 to 8"
     )
     calibration_samples: int = Field(512, ge=1, description="static: training images to calibrate")
     lr_scale: float = Field(
@@ -505,7 +520,7 @@ class QuantizationSpec(Strict):
 
     @property
     def trains(self) -> bool:
-        return self.method in ("qat", "binary", "ternary")
+        return self.method in ("qat", "binary", "ternary", "kmeans")
 
 
 class ExportSpec(Strict):

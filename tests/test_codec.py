@@ -13,12 +13,17 @@ from safetensors.torch import load, save
 from trainers.codec import (
     BITS,
     KINDS,
+    cluster_mean,
     decode,
     dequantize,
     encode,
     encoded_bytes,
     fake_quantize,
+    kmeans_clusters,
+    kmeans_kind,
     quantize_weight,
+    share_weight,
+    shared_codes,
 )
 
 QUANTIZED = ("int8", "ternary", "binary")
@@ -413,3 +418,164 @@ def test_fake_quantize_forward_and_straight_through_gradient(kind, dtype, masked
     upstream = torch.randn(6, 11, generator=g).to(dtype)
     (out * upstream).sum().backward()
     assert torch.equal(w.grad, upstream)
+
+
+# ------------------------------------------------------------------------- weight sharing
+
+
+def _sparse_weight(shape, keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.1
+    mask = torch.rand(shape, generator=g) < keep if keep is not None else None
+    return w, mask
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    shape=shapes,
+    keep=st.sampled_from([None, 0.0, 0.05, 0.3, 0.9]),
+    zeros=st.sampled_from([0.0, 0.7]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_shared_weights_round_trip_exactly(bits, shape, keep, zeros, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 3
+    w[torch.rand(shape, generator=g) < zeros] = 0.0
+    mask = None if keep is None else torch.rand(shape, generator=g) < keep
+    kind = kmeans_kind(bits)
+    tensors, info = encode(w, kind, mask)
+    out = decode(tensors, info)
+    used = effective_mask(w, mask)
+    # bits must match: the file holds the very values the shared model computes with
+    assert torch.equal(out, share_weight(w, bits, used))
+    assert torch.equal(share_weight(out, bits, used), out)  # shared weights stay as they are
+    kept = torch.ones(shape, dtype=torch.bool) if used is None else used != 0
+    assert torch.all(out[~kept] == 0)  # pruned weights: exactly zero, in no cluster
+    codebook = tensors["codebook"]
+    assert codebook.dtype == torch.float32 and len(codebook) <= 2**bits
+    assert torch.equal(torch.unique(out[kept]), torch.unique(codebook)) or not kept.any()
+    assert bool((codebook[1:] > codebook[:-1]).all())  # ascending, distinct
+    nnz = int(kept.sum())
+    assert info["nnz"] == nnz and info["bits"] == bits and info["codebook"] == len(codebook)
+    assert tensors["values"].dtype == torch.uint8
+    assert tensors["values"].numel() == math.ceil(nnz * bits / 8)  # b bits per kept weight
+    assert info["bytes"] == encoded_bytes(tensors)
+    assert json.loads(json.dumps(info)) == info
+    assert info["sparse"] == (used is not None)
+
+
+def test_kmeans_starts_linear_between_min_and_max_and_runs_lloyd():
+    # one bit: centroids start at the min and max, 0.0 and 1.0; the midpoint 0.5 splits the
+    # weights into {0, 0.1, 0.2} and {0.9, 1.0}, whose means are a fixed point
+    w = torch.tensor([0.9, 0.0, 0.2, 1.0, 0.1])
+    codebook, codes = kmeans_clusters(w, 1)
+    # float64 means cast to float32; they may differ from the float32 literals by an ulp
+    assert torch.allclose(codebook, torch.tensor([0.1, 0.95]), rtol=0, atol=1e-7)
+    assert codes.tolist() == [1, 0, 0, 1, 0]
+    # a few large weights keep a centroid of their own (why Deep Compression chose linear
+    # initialisation): 2 bits over [-0.1, 3.0] put a centroid next to the outlier
+    w = torch.cat([torch.linspace(-0.1, 0.1, 200), torch.tensor([3.0])])
+    codebook, codes = kmeans_clusters(w, 2)
+    assert codebook[-1] == 3.0 and int((codes == len(codebook) - 1).sum()) == 1
+
+
+def test_pruned_weights_belong_to_no_cluster():
+    w = torch.tensor([[5.0, 0.0, -0.3, 0.31], [0.29, -7.0, 0.0, -0.28]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1]], dtype=torch.bool)
+    codebook, codes = kmeans_clusters(w, 1, mask)
+    assert torch.equal(codes < 0, ~mask)  # the big pruned weights do not pull any centroid
+    assert float(codebook.min()) > -0.31 and float(codebook.max()) < 0.31
+    out = share_weight(w, 1, mask)
+    assert torch.all(out[~mask] == 0) and torch.all(out[mask] != 0)
+    assert out[0, 1] == codebook[codes[0, 1]]  # a kept weight that is 0.0 is clustered too
+
+
+def test_weights_shared_already_are_not_clustered_again():
+    # four distinct values fit two bits; k-means from linear centroids (0, 1/3, 2/3, 1) would
+    # merge 0, 0.01 and 0.02 into one cluster
+    w = torch.tensor([0.0, 0.01, 0.02, 1.0, 0.01, 1.0])
+    assert len(kmeans_clusters(w, 2)[0]) == 2
+    codebook, codes = shared_codes(w, 2)
+    assert codebook.tolist() == torch.tensor([0.0, 0.01, 0.02, 1.0]).tolist()
+    assert torch.equal(share_weight(w, 2), w)
+    assert torch.equal(decode(*encode(w, "kmeans2")), w)
+    assert len(shared_codes(torch.tensor([0.0, 0.01, 0.02, 1.0, 0.5]), 2)[0]) <= 4  # 5: cluster
+
+
+def test_shared_codes_pack_lowest_bit_first():
+    w = torch.tensor([[1.0, 2.0, 7.0, 0.0, 3.0, 4.0, 5.0, 6.0]])  # 8 values: codes = the values
+    tensors, info = encode(w, "kmeans3")
+    assert tensors["codebook"].tolist() == list(range(8))
+    # codes 1, 2, 7, 0, 3, 4, 5, 6 as 3 bits each, lowest first: 100 010 111 000 110 001 101 011
+    stream = "100010111000110001101011"
+    expected = [int(stream[i : i + 8][::-1], 2) for i in range(0, 24, 8)]
+    assert tensors["values"].tolist() == expected == [0b11010001, 0b00110001, 0b11010110]
+    assert torch.equal(decode(tensors, info), w)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_weight_sharing_of_a_pruned_layer(bits):
+    w, mask = _sparse_weight((300, 784), 0.08, seed=bits)
+    tensors, info = encode(w, kmeans_kind(bits), mask)
+    out = decode(tensors, info)
+    assert len(torch.unique(out[mask])) <= 2**bits and torch.all(out[~mask] == 0)
+    assert info["positions"] == "gaps"
+    # Lloyd's fixed point: every kept weight went to its nearest shared value (1e-7: float32
+    # rounding of equal distances on a midpoint)
+    codebook = tensors["codebook"]
+    nearest = (w[mask][:, None] - codebook[None, :]).abs().min(dim=1).values
+    assert bool(((out[mask] - w[mask]).abs() <= nearest + 1e-7).all())
+    fp32 = encode(w, "fp32", mask)[1]["bytes"]
+    assert info["bytes"] < fp32 * (bits + 8 + 1) / 40  # b-bit codes + 8-bit gaps vs 32 + 8
+
+
+def test_weight_sharing_rejects_bad_input():
+    with pytest.raises(ValueError):
+        kmeans_kind(9)
+    with pytest.raises(ValueError):
+        kmeans_clusters(torch.randn(4), 0)
+    with pytest.raises(ValueError):
+        kmeans_clusters(torch.tensor([1.0, math.nan]), 2)
+    with pytest.raises(ValueError):
+        encode(torch.tensor([[1.0, math.inf]]), "kmeans4")
+    tensors, info = encode(torch.randn(4, 8), "kmeans2")
+    with pytest.raises(ValueError):  # a code past the end of the codebook
+        decode({**tensors, "codebook": tensors["codebook"][:1]}, info)
+    with pytest.raises(ValueError):  # more shared values than 2^bits
+        decode({**tensors, "codebook": torch.arange(5.0)}, info)
+    with pytest.raises(ValueError):  # values truncated
+        decode({**tensors, "values": tensors["values"][:-1]}, info)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bits=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cluster_mean_forward_and_averaged_gradient(dtype, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(6, 11, generator=g)).to(dtype).requires_grad_()
+    mask = torch.rand(6, 11, generator=g) < 0.6
+    _, codes = kmeans_clusters(w.detach(), bits, mask)
+    index = torch.nonzero(codes.reshape(-1) >= 0).reshape(-1)
+    kept_codes = codes.reshape(-1)[index]
+    counts = torch.bincount(kept_codes).float()
+    out = cluster_mean(w, index, kept_codes, counts)
+    assert out.dtype == dtype and torch.all(out.detach()[~mask] == 0)
+    w32 = w.detach().float()
+    for c in range(len(counts)):
+        members = codes == c
+        # float32 sums in another order than torch.mean: a tolerance of a few float32 ulps
+        assert torch.allclose(out.detach()[members].float(), w32[members].mean().expand(
+            int(members.sum())).to(dtype).float(), rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(6, 11, generator=g).to(dtype)
+    (out * upstream).sum().backward()
+    grad = w.grad.float()
+    assert torch.all(grad[~mask] == 0)
+    for c in range(len(counts)):
+        members = codes == c
+        expected = upstream.float()[members].sum() / members.sum()  # the averaged gradient
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 gradients carry 8 mantissa bits
+        assert torch.allclose(grad[members], expected.expand(int(members.sum())), rtol=tol, atol=tol)

@@ -1,7 +1,8 @@
 """Compression beyond magnitude pruning, through the job driver on a real Ray cluster: QAT int8
-after global pruning, and feature distillation with structured channel pruning and binary
-weights on LeNet-5; each job ends in a compact file that `stillhouse export` / `report` can
-rebuild and that reloads exactly. (Ternary weights through the driver: tests/test_faults.py.)"""
+after global pruning, k-means weight sharing after global pruning, and feature distillation with
+structured channel pruning and binary weights on LeNet-5; each job ends in a compact file that
+`stillhouse export` / `report` can rebuild and that reloads exactly. (Ternary weights through the
+driver: tests/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -92,6 +93,83 @@ def test_qat_int8_of_a_90_percent_sparse_student_is_ten_times_smaller(tmp_path, 
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     broken = run_cli(["export", str(tmp_path)])
     assert broken.returncode == 2 and "not a finished run dir" in broken.stderr
+
+
+def test_kmeans_weight_sharing_of_a_90_percent_sparse_student(tmp_path, digits_teacher):
+    """5-bit weight sharing fine-tuned by two DeepSpeed workers (bf16, ZeRO 1: each holds half of
+    the fp32 masters): every layer of the file holds at most 32 shared values, exactly the trained
+    ones, reloads to the same predictions, and is smaller than the int8 file of the same pruned
+    student."""
+    from safetensors.torch import load_file
+
+    from specs import load_spec
+    from trainers.export import read_compressed, write_compressed
+    from trainers.models import build_from_architecture
+    from trainers.quantize import layer_kinds, quantize_state, weight_clusters, weight_kinds
+
+    spec = digits_spec(1, group="compress", name="kmeans", teacher=digits_teacher)
+    spec["student"] = {"model": {"kind": "mlp", "hidden": [256, 128]}, "epochs": 8, "lr": 0.003,
+                       "batch_size": 32}
+    spec["pruning"] = {"target_sparsity": 0.9, "rounds": 2, "finetune_epochs": 2,
+                       "schedule": {"kind": "geometric"}}
+    spec["quantization"] = {"method": "kmeans", "finetune_epochs": 2, "bits": {"linear": 5}}
+    spec["wandb"] = {"mode": "offline", "project": "stillhouse", "group": "compress"}
+    report, out, run_dir = _job(tmp_path, spec)
+
+    export = report["export"]
+    assert export["runtime"] == "fp32" and export["reload_matches"]
+    assert export["bits"] == 5 and set(export["layer_bits"].values()) == {5}
+    assert export["sparsity"] == pytest.approx(0.9, abs=0.01)
+    names = [s["name"] for s in report["stages"]]
+    assert names[2:] == ["pruned (fp32, zeros stored)", "post-training kmeans (no fine-tuning)",
+                         "compressed (90% weight pruned, kmeans, fp32 runtime)"]
+    dense, pruned, ptq = report["stages"][1:4]
+    # 5 bits cost little here: within 2 points of the dense student, as int8 QAT is above
+    assert export["accuracy"] >= dense["accuracy"] - 0.02
+    assert 0.0 < ptq["accuracy"] <= 1.0 and ptq["bits"] == 5
+    model, meta = _reload(run_dir, report)
+
+    # the file holds exactly the trained shared values, at most 2^5 per layer
+    ckpt = run_dir / "checkpoints"
+    trained = load_file(str(ckpt / "student-03-kmeans" / "model.safetensors"))
+    masks = {k: v.bool() for k, v in
+             load_file(str(ckpt / "student-03-kmeans" / "masks.safetensors")).items()}
+    _, stored, _, layout = read_compressed(run_dir / export["file"])
+    for name in ("net.0.weight", "net.2.weight", "net.4.weight"):
+        assert layout[name]["kind"] == "kmeans5" and layout[name]["codebook"] <= 32
+        assert torch.equal(stored[name], trained[name])
+        assert len(torch.unique(stored[name][stored[name] != 0])) <= 32
+        assert torch.all(stored[name][~masks[name]] == 0)
+    # the clusters follow from the committed round-2 checkpoint alone (what a restarted worker
+    # group recomputes), and each holds one value after fine-tuning on two ranks
+    before = load_file(str(ckpt / "student-02-round2" / "model.safetensors"))
+    kinds = layer_kinds(build_from_architecture(meta["architecture"]), "kmeans",
+                        load_spec(run_dir / "spec.yaml").quantization.bits)
+    clusters = weight_clusters(before, kinds, masks)
+    for name, codes in clusters.items():
+        assert all(len(torch.unique(trained[name][codes == c])) == 1
+                   for c in range(int(codes.max()) + 1)), name
+        assert not torch.equal(torch.unique(trained[name][codes >= 0]),
+                               torch.unique(quantize_state(before, kinds, masks)[name][codes >= 0]))
+
+    # smaller than int8 codes of the same pruned student (the QAT file's layout: the same
+    # positions, one int8 code per kept weight and a float scale per output channel)
+    int8_kinds = layer_kinds(model, "dynamic")
+    int8 = tmp_path / "int8.safetensors"
+    write_compressed(int8, arch=meta["architecture"], masks=masks, runtime="int8_dynamic",
+                     state=quantize_state(before, int8_kinds, masks), manifest=meta["manifest"],
+                     kinds=weight_kinds(int8_kinds))
+    assert export["compressed_file_bytes"] < int8.stat().st_size
+    assert "compressed (90% weight pruned, kmeans, fp32 runtime)" in out
+
+    # `stillhouse export` rebuilds the same file from the checkpoints
+    first = _contents(run_dir / export["file"])
+    (run_dir / export["file"]).unlink()
+    again = run_cli(["export", str(run_dir)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = _contents(run_dir / export["file"])
+    assert first[0] == second[0] and first[1].keys() == second[1].keys()
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
 
 
 def test_feature_kd_structured_binary_lenet5(tmp_path, digits_teacher):

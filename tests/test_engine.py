@@ -245,7 +245,7 @@ def test_channel_masks_hold_on_batchnorm_and_residual_layers_and_shrink_to_the_s
     assert torch.equal(~engine.masks["stem.1.weight"], dead["stem.0.weight"])  # and its BatchNorm
     for _ in range(5):
         assert engine.train_step(*_batch(), 2.0, 0.5) is not None
-    assert engine._master_fragment(engine.prunable["stem.1.weight"]) is not None  # a 2nd copy
+    assert engine.master_fragment(engine.prunable["stem.1.weight"]) is not None  # a 2nd copy
     assert engine.masked_nonzero() == (0, 0)  # module parameters, master fragments
     weights = engine.full_fp32_weights()
     for name, mask in engine.masks.items():
@@ -268,3 +268,50 @@ def test_channel_masks_hold_on_batchnorm_and_residual_layers_and_shrink_to_the_s
                                   weight_decay=0.0, grad_clip=1.0, world_size=1)
     with pytest.raises(RuntimeError, match="input_shape"):
         without_shape.prune_to(0.5)
+
+
+@pytest.mark.parametrize("precision,zero_stage", [
+    ("bf16", 1), ("bf16", 2), ("fp32", 0), ("bf16", 0), ("bf16_autocast", 1),
+])
+def test_weight_sharing_holds_on_module_and_master_copies(precision, zero_stage):
+    """k-means fine-tuning through DeepSpeed's step: after every step both copies of each weight
+    (module parameter and fp32 master) hold one value per cluster, pruned weights stay zero."""
+    from functools import partial
+
+    from trainers.quantize import (
+        enable_fake_quant, layer_kinds, snap_shared_weights_, weight_clusters,
+    )
+
+    spec = _spec(precision, zero_stage, quantization={"method": "kmeans", "bits": {"linear": 3}})
+    torch.manual_seed(0)
+    engine = DistillEngine(MLP(64, [32, 16], 10), spec, lr=0.02, micro_batch=16,
+                           weight_decay=0.01, grad_clip=1.0, world_size=1)
+    for _ in range(3):  # dense steps first, so Adam has its own moments for every weight
+        engine.train_step(*_batch(), 2.0, 0.5)
+    engine.prune_to(0.5)
+    kinds = layer_kinds(engine.module, "kmeans", spec.quantization.bits)
+    clusters = weight_clusters(engine.full_fp32_weights([f"{n}.weight" for n in kinds]), kinds,
+                               engine.masks)
+    enable_fake_quant(engine.module, kinds, engine.masks, clusters)
+    snap = partial(snap_shared_weights_, engine.module, engine.master_fragment,
+                   engine.masters_partitioned)
+    snap()
+    engine.after_step.append(snap)
+    start = engine.full_fp32_weights()
+    torch.manual_seed(2)
+    x, y, t = _batch()
+    first = engine.train_step(x, y, t, 2.0, 0.5)
+    for _ in range(20):
+        last = engine.train_step(x, y, t, 2.0, 0.5)
+    assert last["loss"] < 0.9 * first["loss"]
+    assert engine.masked_nonzero() == (0, 0)
+    masters = engine.full_fp32_weights()
+    for name, codes in clusters.items():
+        module = engine.prunable[name].detach()
+        # bits must match: the module copy is the master's value in the module's dtype
+        assert torch.equal(module, masters[name].to(module.dtype))
+        for c in range(int(codes.max()) + 1):
+            assert len(torch.unique(masters[name][codes == c])) == 1, (name, c)
+        shared = torch.unique(masters[name][codes >= 0])
+        assert len(shared) <= 2**3
+        assert not torch.equal(shared, torch.unique(start[name][codes >= 0]))  # centroids moved

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from specs.job import LeNet5Model, MLPModel
+from specs.job import KMeansBits, LeNet5Model, MLPModel
 from trainers.export import (
     ExportFormatError, dense_file, load_compressed, read_compressed, write_compressed,
 )
@@ -195,6 +196,80 @@ def test_entropy_coding_shrinks_sparse_int8_and_decodes_exactly(tmp_path):
     assert sizes[True] < 0.9 * sizes[False]
     assert all(torch.equal(states[True][k], states[False][k]) for k in states[False])
     assert all(torch.equal(states[True][k], q_state[k]) for k in q_state)
+
+
+def test_kmeans_file_holds_codebooks_and_reloads_exactly(tmp_path):
+    """LeNet-300-100 at 92% sparsity with 5-bit weight sharing: per layer at most 32 shared
+    values, b-bit codes and 8-bit relative indices, deflated where that is smaller; the fp32
+    runtime reloads to the very same outputs; the file is smaller than the int8 one."""
+    arch, model = _mlp(6)
+    state, masks = _pruned_state(model, 0.92)
+    kinds = layer_kinds(model, "kmeans", KMeansBits(linear=5))
+    q_state = quantize_state(state, kinds, masks)
+    q_model = build_from_architecture(arch).eval()
+    q_model.load_state_dict(q_state)
+    path = tmp_path / "k.safetensors"
+    layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
+                              kinds=weight_kinds(kinds), runtime="fp32", manifest={"bits": 5})
+    meta, decoded, _, _ = read_compressed(path)
+    assert all(torch.equal(decoded[k], q_state[k]) for k in q_state)
+    loaded, _ = load_compressed(path)
+    x = torch.randn(256, *IMAGE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q_model(x))  # same fp32 weights, same kernels: bit for bit
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    for name in ("net.0.weight", "net.2.weight", "net.4.weight"):
+        info = layout[name]
+        assert info["kind"] == "kmeans5" and info["bits"] == 5 and info["codebook"] <= 32
+        w = decoded[name]
+        assert len(torch.unique(w[masks[name]])) <= 32 and torch.all(w[~masks[name]] == 0)
+        assert stored[f"{name}:codebook"].numel() == info["codebook"]
+        nnz = int(masks[name].sum())
+        # each part deflated exactly when deflate made it smaller (and it was worth a stream)
+        for part, size in (("values", math.ceil(nnz * 5 / 8)), ("positions", None)):
+            if part in info["deflated"]:
+                assert stored[f"{name}:{part}.z"].numel() < math.prod(
+                    info["deflated"][part]["shape"])
+            else:
+                raw = stored[f"{name}:{part}"]
+                assert size is None or raw.numel() == size
+                z = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate, as the writer's
+                deflated = len(z.compress(raw.numpy().tobytes()) + z.flush())
+                assert raw.numel() < 256 or deflated >= raw.numel()
+    assert layout["net.0.weight"]["deflated"]  # the big layer's gaps deflate
+    assert meta["runtime"] == "fp32" and meta["manifest"] == {"bits": 5}
+
+    int8_kinds = layer_kinds(model, "dynamic")
+    int8 = tmp_path / "i.safetensors"
+    write_compressed(int8, arch=arch, state=quantize_state(state, int8_kinds, masks), masks=masks,
+                     kinds=weight_kinds(int8_kinds), runtime="int8_dynamic", manifest={"bits": 8})
+    # same positions; 5-bit codes and 32 floats per layer instead of int8 codes and a float per
+    # output channel
+    assert path.stat().st_size < 0.85 * int8.stat().st_size
+
+
+def test_kmeans_of_lenet5_gives_conv_and_linear_layers_their_bits(tmp_path):
+    torch.manual_seed(7)
+    arch = architecture(LeNet5Model(kind="lenet5", padding=2), (1, 8, 8), 10)
+    model = build_from_architecture(arch).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kinds = layer_kinds(model, "kmeans", KMeansBits(linear=4, conv=6))
+    q_state = quantize_state(state, kinds, {})  # unpruned: every weight is in a cluster
+    path = tmp_path / "l.safetensors"
+    layout = write_compressed(path, arch=arch, state=q_state, masks={},
+                              kinds=weight_kinds(kinds), runtime="fp32", manifest={})
+    for name, bits in (("features.0.weight", 6), ("features.2.weight", 6),
+                       ("classifier.0.weight", 4), ("classifier.2.weight", 4)):
+        assert layout[name]["bits"] == bits and not layout[name]["sparse"]
+        assert len(torch.unique(q_state[name])) <= 2**bits
+    assert layout["features.0.bias"]["kind"] == "fp32"  # biases stay fp32
+    loaded, _ = load_compressed(path)
+    reference = build_from_architecture(arch).eval()
+    reference.load_state_dict(q_state)
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
 
 
 def test_bad_files_are_refused_with_a_clear_error(tmp_path):

@@ -143,3 +143,16 @@ def test_cpus_held_at_once_depend_on_the_teacher_mode(mode, shared, expected):
     check_cpus(spec, expected, "here")
     with pytest.raises(ClusterResourceError, match=f"asks for {expected:g} CPUs"):
         check_cpus(spec, expected - 0.5, "here")
+
+
+def test_kmeans_takes_bits_per_layer_type():
+    spec = parse_spec({**BASE, "quantization": {"method": "kmeans"}})
+    assert (spec.quantization.bits.linear, spec.quantization.bits.conv) == (5, 8)  # Deep Compression
+    assert spec.quantization.trains
+    spec = parse_spec({**BASE, "quantization": {"method": "kmeans", "bits": {"linear": 3}}})
+    assert (spec.quantization.bits.linear, spec.quantization.bits.conv) == (3, 8)
+    problems = _problems({**BASE, "quantization": {"method": "kmeans", "bits": {
+        "linear": 9, "conv": 0, "fc": 4}}})
+    assert set(problems) == {"quantization.bits.linear", "quantization.bits.conv",
+                             "quantization.bits.fc"}
+    assert problems["quantization.bits.linear"].value == 9

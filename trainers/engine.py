@@ -17,6 +17,7 @@ Both are local operations: no collective per step.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,9 @@ class DistillEngine:
         self.masks: dict[str, torch.Tensor] = {}
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.nonfinite_steps = 0
+        # run after every optimizer step, once the masks are enforced (e.g. weight sharing's snap
+        # to the cluster means); each rank runs the same hooks, so a hook may be collective
+        self.after_step: list[Callable[[], None]] = []
         self._hooks_installed = False
         self._unfused_masters = _unfused_master_copies(self.optimizer)
         pairs = spec.distillation.features if teacher_feature_shapes else []
@@ -109,9 +113,9 @@ class DistillEngine:
         self.feature_weights = [p.weight for p in pairs]
         self.tap = FeatureTap(self.module, [p.student for p in pairs]) if pairs else None
 
-    def _master_fragment(self, param: torch.Tensor):
+    def master_fragment(self, param: torch.Tensor):
         """(fp32 master fragment, start, numel) held by this rank, or None if `param` is its own
-        master (fp32 without ZeRO)."""
+        master (fp32 without ZeRO) or, with partitioned masters, this rank holds none of it."""
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is not None:
             address = mapping.lp_fragment_address
@@ -120,6 +124,13 @@ class DistillEngine:
         if master is not None:
             return master.data, 0, master.numel()
         return None
+
+    @property
+    def masters_partitioned(self) -> bool:
+        """Whether DeepSpeed splits the fp32 master copies across ranks (ZeRO 1-2 and its bf16
+        optimizer link each parameter to its rank's fragment, or to none): a sum over a whole
+        weight's master then needs an all-reduce."""
+        return any(hasattr(p, "_hp_mapping") for p in self.module.parameters())
 
     # ------------------------------------------------------------------------------- training
 
@@ -164,6 +175,8 @@ class DistillEngine:
         self.engine.backward(loss)
         self.engine.step()
         self.enforce_masks()
+        for hook in self.after_step:
+            hook()
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 
     @torch.no_grad()
@@ -253,7 +266,7 @@ class DistillEngine:
         for name in self.masks:
             p = self.prunable[name]
             p.mul_(self._mask_as(name, p.dtype))
-            frag = self._master_fragment(p)
+            frag = self.master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
                 hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape))
@@ -265,7 +278,7 @@ class DistillEngine:
         for name, mask in self.masks.items():
             p = self.prunable[name]
             lp += int(torch.count_nonzero(p.detach()[~mask]))
-            frag = self._master_fragment(p)
+            frag = self.master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
                 pruned = ~mask.flatten()[start : start + numel]

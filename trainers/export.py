@@ -3,7 +3,8 @@
 One `.safetensors` file holds everything needed to run the model:
 
 * tensors named `<parameter>:<part>`, written by `trainers.codec.encode`: values (fp32, int8
-  codes, or 1-/2-bit codes packed into bytes), per-channel scales, and for sparse tensors the
+  codes, 1-/2-bit codes packed into bytes, or weight sharing's b-bit cluster indices), per-channel
+  scales or, for weight sharing, the layer's codebook of shared values, and for sparse tensors the
   positions of the kept weights (a bitmap or Deep Compression's 8-bit relative indices);
 * with entropy coding (the default), every int8 / uint8 part that deflate makes smaller is stored
   as `<parameter>:<part>.z`, its bytes deflate-compressed (LZ77 + Huffman coding, raw zlib
@@ -12,8 +13,8 @@ One `.safetensors` file holds everything needed to run the model:
 * for static int8 models, `__act__:<observer>` activation ranges;
 * string metadata (safetensors' header): `format`, `architecture` (what
   `trainers.models.build_from_architecture` rebuilds), `layout` (per-tensor codec info),
-  `runtime` (`fp32`, `int8_dynamic`, `int8_static`) and `manifest` (method, sparsity, bits,
-  accuracy, size, spec hash).
+  `runtime` (`fp32`, `int8_dynamic`, `int8_static`; weight sharing runs as `fp32`, its weights
+  looked up in the codebooks) and `manifest` (method, sparsity, bits, accuracy, size, spec hash).
 
 Loading reads tensors and JSON only: nothing is unpickled and no code from the file runs.
 """

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import repeat
 from pathlib import Path
 from typing import Literal
@@ -182,10 +183,16 @@ def _run_phase(
     if phase.kind == "prune":
         threshold = engine.prune_to(phase.target_sparsity)
     elif phase.kind == "quantize":  # from here on the forward pass sees quantized weights
-        from trainers.quantize import enable_fake_quant, layer_kinds
+        from trainers.quantize import enable_fake_quant, layer_kinds, snap_shared_weights_
 
-        enable_fake_quant(engine.module, layer_kinds(engine.module, spec.quantization.method),
-                          engine.masks)
+        kinds = layer_kinds(engine.module, spec.quantization.method, spec.quantization.bits)
+        clusters = _weight_clusters(engine, kinds) if spec.quantization.method == "kmeans" else None
+        enable_fake_quant(engine.module, kinds, engine.masks, clusters)
+        if clusters:  # shared values from the start, and after every step
+            snap = partial(snap_shared_weights_, engine.module, engine.master_fragment,
+                           engine.masters_partitioned)
+            snap()
+            engine.after_step.append(snap)
         base_lr = section.lr * spec.quantization.lr_scale
     steps_per_epoch = len(epoch_shard(len(data.y_train), section.batch_size, 0, spec.seed, rank, world))
     total_steps = phase.epochs * steps_per_epoch
@@ -271,6 +278,22 @@ def _run_phase(
     )
     ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
     return global_step
+
+
+def _weight_clusters(engine: DistillEngine, kinds: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Weight sharing's cluster codes, fixed for the phase: k-means of the phase's starting fp32
+    weights, which are those of the last committed checkpoint, so a restarted worker group, which
+    redoes the phase from that checkpoint, clusters the same weights the same way (nothing extra
+    is stored). Every rank computes them; rank 0's are broadcast, so that they are identical by
+    construction."""
+    from trainers.quantize import weight_clusters
+
+    weights = engine.full_fp32_weights([f"{name}.weight" for name in kinds])  # collective
+    clusters = weight_clusters(weights, kinds, engine.masks)
+    if dist.is_initialized():
+        for codes in clusters.values():
+            dist.broadcast(codes, src=0)
+    return clusters
 
 
 def _step_inputs(
