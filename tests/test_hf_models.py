@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from tiny_lm import causal_lm, corpus, gpt2_config, llama_config, no_network, train_tokenizer
 
+from specs.errors import InputError
 from specs.lm import HFModel
 from trainers.hf_models import (
     HFModelError,
@@ -102,8 +103,9 @@ def test_pickle_only_directory_is_refused_before_anything_is_loaded(tmp_path):
     model = causal_lm(gpt2_config(VOCAB, n_layer=1))
     model.config.save_pretrained(str(tmp_path))
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(HFModelError, match="pytorch_model.bin.*safetensors only"):
+    with pytest.raises(HFModelError, match="pytorch_model.bin.*safetensors only") as info:
         build_hf_model(HFModel(kind="hf", path=str(tmp_path)))
+    assert isinstance(info.value, InputError)  # exit status 2
     with pytest.raises(HFModelError, match="does not exist"):
         build_hf_model(HFModel(kind="hf", path=str(tmp_path / "nowhere")))
     (tmp_path / "config.json").unlink()

@@ -1,11 +1,17 @@
 """The teacher's top-k per token, on disk: a cache of language-model logits that fits.
 
-A full vocabulary per token does not fit on disk (32k tokens x 4 bytes = 128 KiB per token), so
+A full vocabulary per token does not fit on disk (32000 float32 logits are 128 kB per token), so
 for each token the cache keeps the k most probable ids and their log-probabilities at the
 distillation temperature T, and the log of the probability outside them (`rest`), which the
 `tail` policy of trainers/lm_losses.py needs and which cannot be recovered from rounded top-k
 values. `compress_token_topk` makes these from logits; teacher replicas answering online send
 the same three arrays, so that (batch, seq, k) crosses the wire, not (batch, seq, vocab).
+
+    spec = TokenCacheSpec(k=32, logprobs="int8")
+    key = token_cache_key(teacher_digest=..., data_digest=blocks.digest(), ..., spec=spec)
+    folder, stats = fill_token_cache(root, key, num_samples=N, seq_len=L, vocab_size=V,
+                                     spec=spec, teacher_topk=lambda start, stop: ...)
+    ids, logprobs, rest = TokenCache.open(root, key, 16).topk(sample_ids)  # (B, L, k) ...
 
 Layout, readable by any safetensors reader:
 
