@@ -419,6 +419,15 @@ ScheduleSpec = Annotated[
 ]
 
 
+class LayerSelection(Strict):
+    """Layers by module name (`model.named_modules()`), with glob patterns: `layer1.*`,
+    `*.conv2`. A pattern that matches no Linear/Conv layer is an error."""
+
+    include: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["*"],
+                                                               min_length=1)
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+
+
 class PruningSpec(Strict):
     """Iterative global magnitude pruning: one threshold across all prunable weights."""
 
@@ -427,8 +436,9 @@ class PruningSpec(Strict):
     rounds: int = Field(3, ge=1, le=100)
     finetune_epochs: int = Field(2, ge=0, description="distillation epochs after each prune")
     schedule: ScheduleSpec = Field(default_factory=lambda: GeometricSchedule(kind="geometric"))
-    layers: Literal["all"] | list[Annotated[str, Field(min_length=1)]] = Field(
-        "all", description="`all` Linear/Conv weights, or module names as in `model.named_modules()`"
+    layers: Literal["all"] | list[Annotated[str, Field(min_length=1)]] | LayerSelection = Field(
+        "all", description="which Linear/Conv layers are pruned: `all`, a list of module names "
+        "or glob patterns (as in `model.named_modules()`), or `{include: [...], exclude: [...]}`"
     )
     include_bias: bool = Field(False, description="also prune biases")
     granularity: Literal["weight", "channel"] = Field(
@@ -444,6 +454,15 @@ class PruningSpec(Strict):
         "layers (which can strip one layer to a single channel: scores compare across layers "
         "only roughly)"
     )
+
+    @property
+    def selection(self) -> LayerSelection:
+        """`layers` as include and exclude patterns."""
+        if self.layers == "all":
+            return LayerSelection()
+        if isinstance(self.layers, list):
+            return LayerSelection(include=list(self.layers))
+        return self.layers
 
     @model_validator(mode="after")
     def _schedule_fits_rounds(self) -> "PruningSpec":

@@ -74,7 +74,8 @@ class DistillEngine:
             param = next(model.parameters())
             self.channel_groups = channel_groups(
                 model, torch.zeros(2, *input_shape, dtype=param.dtype, device=param.device),
-                num_classes, include=None if pruning.layers == "all" else list(pruning.layers),
+                num_classes, include=list(pruning.selection.include),
+                exclude=list(pruning.selection.exclude),
             )
         config = deepspeed_config(
             spec, micro_batch=micro_batch, world_size=world_size, lr=lr,

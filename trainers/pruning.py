@@ -7,6 +7,7 @@ the weights.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 
@@ -53,38 +54,53 @@ def sparsity_schedule(spec: PruningSpec) -> list[float]:
 # ------------------------------------------------------------------------------------- pruner
 
 
-def prunable_parameters(model: nn.Module, spec: PruningSpec) -> dict[str, nn.Parameter]:
-    """Linear and Conv weights (and biases if asked), by parameter name, in a fixed order.
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    `spec.layers` names modules as `model.named_modules()` does; an unknown name is an error,
-    not a silently unpruned layer.
+
+def select_layers(names: list[str], selection, what: str = "Linear/Conv") -> list[str]:
+    """The names matching an include pattern and no exclude pattern, in the given order.
+
+    A pattern (`pruning.layers`) that matches none of `names` is an error, not a silently
+    unpruned layer."""
+    def matching(pattern: str, side: str) -> list[str]:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"`pruning.layers` {side} pattern {pattern!r} matches no {what} "
+                             f"module; the model has: {names[:40]}"
+                             f"{' ...' if len(names) > 40 else ''}")
+        return hits
+
+    included = {n for pattern in selection.include for n in matching(pattern, "include")}
+    excluded = {n for pattern in selection.exclude for n in matching(pattern, "exclude")}
+    chosen = [n for n in names if n in included and n not in excluded]
+    if not chosen:
+        raise ValueError("`pruning.layers` selects no layer: every included layer is excluded")
+    return chosen
+
+
+def prunable_parameters(model: nn.Module, spec: PruningSpec) -> dict[str, nn.Parameter]:
+    """Linear and Conv weights (and biases if asked) of the layers `spec.layers` selects, by
+    parameter name, in module order. BatchNorm, embeddings and (unless `include_bias`) biases are
+    never pruned by magnitude.
+
+    Under `granularity: channel` every Linear/Conv weight and bias is listed: which of them a
+    pruned channel touches is the channel groups' business (trainers/structured.py).
     """
     from trainers.features import is_projection  # feature-KD projections are never pruned
 
     modules = {
         name: m for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not is_projection(name)
+        if isinstance(m, PRUNABLE_TYPES) and not is_projection(name)
     }
-    if spec.layers != "all":
-        unknown = sorted(set(spec.layers) - set(modules))
-        if unknown:
-            raise ValueError(
-                f"`pruning.layers` names no Linear/Conv module: {unknown}; "
-                f"the model has: {sorted(modules)}"
-            )
-        modules = {name: modules[name] for name in spec.layers}
     params: dict[str, nn.Parameter] = {}
     if spec.granularity == "channel":  # a pruned channel also zeroes its bias and its readers
-        modules = {
-            name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_projection(name)
-        }
         for name, module in modules.items():
             params[f"{name}.weight"] = module.weight
             if module.bias is not None:
                 params[f"{name}.bias"] = module.bias
         return params
-    for name, module in modules.items():
+    for name in select_layers(list(modules), spec.selection):
+        module = modules[name]
         params[f"{name}.weight"] = module.weight
         if spec.include_bias and module.bias is not None:
             params[f"{name}.bias"] = module.bias

@@ -27,11 +27,13 @@ parameters. The layers that produce the model's logits are never pruned.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from specs.job import LayerSelection
+from trainers.pruning import select_layers
 
 # module types whose shapes `shrink` records and `reshape_modules` restores
 _CONV = nn.modules.conv._ConvNd
@@ -209,19 +211,6 @@ def _describe(group, names: dict[nn.Module, str]) -> ChannelGroup | None:
     return ChannelGroup(names[root_module], channels, tuple(slices))
 
 
-def _select(layers: dict[str, nn.Module], patterns: list[str] | None, what: str) -> set[str]:
-    if patterns is None:
-        return set(layers)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"{what} pattern {pattern!r} matches no Conv/Linear module; the "
-                             f"model has: {sorted(layers)}")
-        chosen.update(hits)
-    return chosen
-
-
 def channel_groups(
     model: nn.Module, example_input: torch.Tensor, num_classes: int, *,
     include: list[str] | None = None, exclude: list[str] | None = None,
@@ -238,8 +227,8 @@ def channel_groups(
     from torch_pruning.ops import TORCH_CONV, TORCH_LINEAR
 
     layers = _prunable_layers(model)
-    selected = _select(layers, include, "include") - (
-        _select(layers, exclude, "exclude") if exclude else set())
+    selected = set(select_layers(list(layers), LayerSelection(include=include or ["*"],
+                                                               exclude=exclude or [])))
     graph = _dependency_graph(model, example_input, num_classes)
     ignored = _logit_layers(graph) + [m for n, m in layers.items() if n not in selected]
     names = {m: n for n, m in model.named_modules()}
