@@ -76,20 +76,28 @@ def _call(address: str, fn, *args, **kwargs):
         raise _explain(err, address) from None
 
 
-def entrypoint(run_dir: str, data_dir: str | None, command: str = "run") -> str:
+def entrypoint(run_dir: str, data_dir: str | None, command: str = "run",
+               trusted: tuple[str, ...] = ()) -> str:
     args = ["python", "-m", "orchestrator.cli", command, "spec.yaml", "--address", "auto",
             "--run-dir", run_dir]
     if data_dir:
         args += ["--data-dir", data_dir]
+    for package in trusted:
+        args += ["--trust-module", package]
     return shlex.join(args)
 
 
 def submit(
     spec: JobSpec, address: str, *, run_dir: str, data_dir: str | None = None,
     submission_id: str | None = None, metadata: dict | None = None,
+    trusted: frozenset[str] = frozenset(),
 ) -> str:
-    """Submit one job; returns its Ray job id. The spec was validated by the caller."""
+    """Submit one job; returns its Ray job id. The spec was validated by the caller.
+
+    Trusted packages (`python` models' factories) travel as `py_modules` beside stillhouse's
+    own, and the entrypoint trusts them again on the cluster."""
     import specs
+    from trainers.models import trusted_package_dirs
     from trainers.tracking import git_revision
 
     client = connect(address)
@@ -100,7 +108,8 @@ def submit(
         )
         runtime_env = {
             "working_dir": staging,
-            "py_modules": [str(root / name) for name in PACKAGES],
+            "py_modules": [str(root / name) for name in PACKAGES]
+            + trusted_package_dirs(frozenset(trusted)),
             "env_vars": {"PYTHONUNBUFFERED": "1",
                          "STILLHOUSE_GIT_REVISION": git_revision() or "",
                          # the job's Ray Train controller notices a stage's end (or a failed
@@ -109,7 +118,8 @@ def submit(
         }
         return _call(
             address, client.submit_job,
-            entrypoint=entrypoint(run_dir, data_dir, "sweep" if spec.sweep else "run"),
+            entrypoint=entrypoint(run_dir, data_dir, "sweep" if spec.sweep else "run",
+                                  tuple(sorted(trusted))),
             runtime_env=runtime_env,
             submission_id=submission_id,
             metadata={"stillhouse_job": spec.name, **(metadata or {})},

@@ -47,11 +47,14 @@ EMBEDDED_RAY_TRAIN_ENV = {
 
 
 @contextmanager
-def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[None]:
+def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
+                     py_modules: list[str] | None = None) -> Iterator[None]:
     """Start a local Ray cluster for one job and stop it afterwards.
 
     The dashboard (needed by Ray Train's state queries) listens on 127.0.0.1 only. A watcher
     (cluster/reaper.py) stops the processes a killed driver's cluster would leave behind.
+    `py_modules`: folders of trusted packages every worker must import (a `python` model's
+    factory), shipped through Ray's runtime environment.
     """
     cpus = num_cpus or os.cpu_count() or 1
     check_cpus(spec, cpus, "this machine")  # before anything starts
@@ -71,6 +74,7 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None) -> Iterator[Non
             dashboard_host="127.0.0.1",
             log_to_driver=True,
             logging_level="warning",
+            runtime_env={"py_modules": list(py_modules)} if py_modules else None,
         )
         try:
             check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
@@ -134,9 +138,12 @@ def current_cluster(spec: JobSpec) -> Iterator[None]:
     yield
 
 
-def job_cluster(spec: JobSpec, address: str | None):
+def job_cluster(spec: JobSpec, address: str | None, py_modules: list[str] | None = None):
     """The cluster for one job: the current one (`CURRENT`), an existing one at `address`, or a
-    new embedded one."""
+    new embedded one. (On an existing cluster, trusted packages come with the submitted job's
+    runtime environment: cluster/jobs.py.)"""
     if address == CURRENT:
         return current_cluster(spec)
-    return existing_cluster(spec, address) if address else embedded_cluster(spec)
+    if address:
+        return existing_cluster(spec, address)
+    return embedded_cluster(spec, py_modules=py_modules)

@@ -1,11 +1,15 @@
 """The `stillhouse` command line.
 
     stillhouse validate examples/digits.yaml          # every problem at once, exit 2 if any
+    stillhouse plan examples/digits.yaml               # the spec against its data and models
     stillhouse schema                                  # the job spec's JSON Schema
     stillhouse run examples/digits.yaml --run-dir runs/digits [--data-dir ../shared/data]
     stillhouse submit examples/digits.yaml --address http://127.0.0.1:8265 --run-dir /shared/runs/d1
     stillhouse status|logs [--follow]|stop JOB_ID --address ...;  stillhouse list --address ...
     stillhouse export runs/digits          # the compact model file of a finished run, again
+
+`--trust-module PACKAGE` (repeatable, or STILLHOUSE_TRUSTED_MODULES=a,b) lets a spec's `python`
+model kind import and run code from PACKAGE; a spec alone never runs code.
     stillhouse report runs/digits          # its tables and plots
 
 Exit status: 0 success, 1 the job failed while running, 2 bad input (spec, data, teacher file,
@@ -63,14 +67,16 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from orchestrator.job import run_job
 
+    trusted = tuple(args.trust_module)
     try:
         if args.command == "sweep":
             from orchestrator.sweep import run_sweep
 
             run_sweep(spec, run_dir=args.run_dir or f"runs/{spec.name}-sweep",
-                      data_dir=args.data_dir, address=args.address)
+                      data_dir=args.data_dir, address=args.address, trusted_modules=trusted)
         else:
-            run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address)
+            run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address,
+                    trusted_modules=trusted)
     except InputError as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -87,8 +93,11 @@ def _export(args: argparse.Namespace) -> int:
     from orchestrator.compress import export_run_dir
     from orchestrator.report import format_table
 
+    from trainers.models import trusted_modules
+
     try:
-        report = export_run_dir(Path(args.run_dir), args.data_dir)
+        report = export_run_dir(Path(args.run_dir), args.data_dir,
+                                trusted_modules(tuple(args.trust_module)))
     except SpecError as err:
         print(err, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -99,6 +108,31 @@ def _export(args: argparse.Namespace) -> int:
         print(f"stillhouse: export failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(format_table(report))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Check a spec against its data and models, as `run` does before anything starts."""
+    try:
+        spec = load_spec(args.spec)
+        points = expand_sweep(spec, args.spec)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from orchestrator.preflight import preflight
+    from trainers.models import trusted_modules
+
+    trusted = trusted_modules(tuple(args.trust_module))
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    try:
+        for point, point_spec in points:
+            plan = preflight(point_spec, data_dir, trusted)
+            if point:
+                print(f"sweep point {point}:")
+            print("\n".join(plan.describe()))
+    except InputError as err:
+        print(f"stillhouse: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
@@ -148,7 +182,14 @@ def _submit(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from cluster import jobs
 
-    job_id = jobs.submit(spec, args.address, run_dir=args.run_dir, data_dir=args.data_dir)
+    from trainers.models import trusted_modules
+
+    try:
+        job_id = jobs.submit(spec, args.address, run_dir=args.run_dir, data_dir=args.data_dir,
+                             trusted=trusted_modules(tuple(args.trust_module)))
+    except InputError as err:  # e.g. a trusted package that cannot be found here
+        print(f"stillhouse: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(job_id)
     return 0
 
@@ -257,6 +298,14 @@ def _manifests(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-module", action="append", default=[], metavar="PACKAGE",
+        help="a top-level package whose code `python` models may import and run (repeatable; "
+        "also STILLHOUSE_TRUSTED_MODULES=a,b)",
+    )
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
@@ -275,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
     p = sub.add_parser("schema", help="print the job spec's JSON Schema")
     p.set_defaults(func=_schema)
+    p = sub.add_parser("plan", help="check a spec against its data and models (no Ray)")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
+    _add_trust(p)
+    p.set_defaults(func=_plan)
     for name, text in (("run", "run a job on an embedded local Ray cluster (resumes)"),
                        ("sweep", "run every point of a spec's sweep grid and compare them")):
         p = sub.add_parser(name, help=text)
@@ -284,11 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default runs/<name>, runs/<name>-sweep)")
         p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray "
                        "job) instead of an embedded local one")
+        _add_trust(p)
         p.set_defaults(func=_run)
 
     p = sub.add_parser("export", help="quantize and write a finished run's compact model file")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--data-dir", help="folder holding datasets (e.g. ../shared/data)")
+    p.add_argument("--data-dir", help="folder holding datasets (default: the one the run used)")
+    _add_trust(p)
     p.set_defaults(func=_export)
     p = sub.add_parser("report", help="print a run's tables and write its plots")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -299,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(p)
     p.add_argument("--run-dir", required=True, help="run dir on the cluster's storage")
     p.add_argument("--data-dir", help="data dir on the cluster's storage")
+    _add_trust(p)
     p.set_defaults(func=_submit)
     for name, func, text in (("status", _status, "a submitted job's status"),
                              ("logs", _logs, "a submitted job's logs"),

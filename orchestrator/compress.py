@@ -7,7 +7,9 @@ be re-run on a finished run dir without training anything:
     2. post-training quantization (dynamic / static) or the weights QAT / binarization / weight
        sharing trained
     3. `student.compressed.safetensors` (trainers/export.py), then reloaded from disk and checked
-       to predict exactly what the in-memory model predicts
+       to predict exactly what the in-memory model predicts; and `student.compressed.pt2`, a
+       `torch.export` program of the same weights (in fp32, batch size dynamic) that loads with
+       torch alone, checked the same way
     4. accuracy, file size and CPU latency (batch 1 and 256) of teacher, dense student, pruned
        student and each compression stage, side by side
 """
@@ -22,6 +24,7 @@ from specs import JobSpec, spec_hash
 from specs.errors import InputError, JobError
 
 COMPRESSED_FILE = "student.compressed.safetensors"
+EXPORTED_PROGRAM = "student.compressed.pt2"
 
 
 class ExportError(JobError):
@@ -34,13 +37,17 @@ class NotARunDirError(InputError):
 
 def compress_and_export(
     spec: JobSpec, data, run_path: Path, teacher: dict, teacher_model: torch.nn.Module | None,
+    trusted: frozenset[str] = frozenset(),
 ) -> dict:
-    """Returns the report's `stages` and `export` sections."""
+    """Returns the report's `stages` and `export` sections. `data` is an in-memory Dataset or a
+    streamed source's prepared copy: both give test batches and calibration images."""
     from safetensors.torch import load_file, save
 
     from trainers import checkpoint
     from trainers.codec import BITS
-    from trainers.export import accuracy, latency_ms, load_compressed, write_compressed
+    from trainers.export import (
+        export_program, latency_ms, load_compressed, load_program, predictions, write_compressed,
+    )
     from trainers.models import architecture, build_from_architecture, count_params
     from trainers.plan import student_phases
     from trainers.quantize import (
@@ -67,9 +74,14 @@ def compress_and_export(
         return full_arch, state, masks
 
     def model_of(arch_, state_):
-        m = build_from_architecture(arch_)
+        m = build_from_architecture(arch_, trusted)
         m.load_state_dict(state_)
         return m.eval()
+
+    def accuracy(model) -> tuple[float, torch.Tensor]:
+        """(test accuracy, predicted classes) over the whole test set."""
+        pred, labels = predictions(model, data.test_batches())
+        return float((pred == labels).float().mean()), pred
 
     method = spec.quantization.method
     lat = spec.export
@@ -86,7 +98,7 @@ def compress_and_export(
         {"name": "teacher", "accuracy": teacher["accuracy"], "file_bytes": teacher.get("file_bytes"),
          "params": teacher["params"], "nonzero_params": teacher["params"], "bits": 32,
          **({"latency_ms": timings(teacher_model)} if teacher_model is not None else {})},
-        {"name": "dense student", "accuracy": accuracy(dense_model, data.x_test, data.y_test)[0],
+        {"name": "dense student", "accuracy": accuracy(dense_model)[0],
          "file_bytes": dense_bytes, "params": count_params(dense_model),
          "nonzero_params": count_params(dense_model), "bits": 32, "latency_ms": timings(dense_model)},
     ]
@@ -98,7 +110,7 @@ def compress_and_export(
     if spec.pruning.enabled:
         stages.append({
             "name": "pruned (channels removed)" if structured else "pruned (fp32, zeros stored)",
-            "accuracy": accuracy(pruned_model, data.x_test, data.y_test)[0],
+            "accuracy": accuracy(pruned_model)[0],
             "file_bytes": len(save({k: v.contiguous() for k, v in pruned_state.items()})),
             "params": count_params(pruned_model),
             "nonzero_params": _nonzero(pruned_state), "bits": 32,
@@ -106,7 +118,7 @@ def compress_and_export(
         })
 
     kinds = layer_kinds(pruned_model, method, spec.quantization.bits)
-    calibration = torch.from_numpy(data.x_train[: spec.quantization.calibration_samples]).float()
+    calibration = torch.from_numpy(data.calibration(spec.quantization.calibration_samples)).float()
     if trained_quantized:
         # QAT is compared with both post-training int8 methods, binary / ternary with the same
         # codes applied without fine-tuning, weight sharing with k-means' shared values
@@ -122,7 +134,7 @@ def compress_and_export(
             label = {"dynamic": "int8 dynamic", "static": "int8 static"}.get(ptq_method, ptq_method)
             stages.append({
                 "name": f"post-training {label} (no fine-tuning)",
-                "accuracy": accuracy(ptq, data.x_test, data.y_test)[0], "file_bytes": None,
+                "accuracy": accuracy(ptq)[0], "file_bytes": None,
                 "params": count_params(pruned_model), "nonzero_params": _nonzero(pruned_state),
                 "bits": _bits(ptq_kinds, pruned_state, pruned_masks),
             })
@@ -140,7 +152,7 @@ def compress_and_export(
         runtime, compressed = "fp32", q_float
     else:
         runtime, compressed = "int8_dynamic", dynamic_int8(q_float)
-    acc, pred = accuracy(compressed, data.x_test, data.y_test)
+    acc, pred = accuracy(compressed)
     bits = _bits(kinds, q_state, masks)
     prunable = [n for n in q_state if n.endswith(".weight")]
     sparsity = 1.0 - sum(int(torch.count_nonzero(q_state[n])) for n in prunable) / max(
@@ -158,13 +170,23 @@ def compress_and_export(
     layout = write_compressed(path, arch=arch, state=q_state, masks=masks,
                               kinds=weight_kinds(kinds), runtime=runtime, manifest=manifest,
                               act_ranges=ranges, entropy_coding=spec.export.entropy_coding)
-    reloaded, _ = load_compressed(path)
-    reload_acc, reload_pred = accuracy(reloaded, data.x_test, data.y_test)
+    reloaded, _ = load_compressed(path, trusted)
+    reload_acc, reload_pred = accuracy(reloaded)
     reload_matches = torch.equal(pred, reload_pred)
     if not reload_matches:
         raise ExportError(
             f"{path} reloads to different predictions on {int((pred != reload_pred).sum())} of "
             f"{len(pred)} test images"
+        )
+    # the same weights as a torch.export program: fp32 kernels, loads with torch alone
+    program_path = run_path / EXPORTED_PROGRAM
+    export_program(q_float, image_shape, program_path)
+    float_pred = accuracy(q_float)[1]
+    program_pred = accuracy(load_program(program_path))[1]
+    if not torch.equal(float_pred, program_pred):
+        raise ExportError(
+            f"{program_path} predicts differently from the model it was exported from on "
+            f"{int((float_pred != program_pred).sum())} of {len(float_pred)} test images"
         )
     compressed_bytes = path.stat().st_size
     exported = {
@@ -180,7 +202,8 @@ def compress_and_export(
         "size_reduction": dense_bytes / compressed_bytes,
         "reload_matches": reload_matches, "latency_ms": exported["latency_ms"],
         "tensor_bytes": {n: info["stored_bytes"] for n, info in layout.items()},
-        "entropy_coding": spec.export.entropy_coding,
+        "entropy_coding": spec.export.entropy_coding, "architecture": arch,
+        "program": EXPORTED_PROGRAM, "program_bytes": program_path.stat().st_size,
     }
     return {"stages": stages, "export": export}
 
@@ -221,14 +244,17 @@ def _label(spec: JobSpec) -> str:
     return ", ".join(parts) or "fp32"
 
 
-def export_run_dir(run_dir: Path, data_dir: str | None = None) -> dict:
-    """`stillhouse export RUN_DIR`: redo the last stage of a finished run; updates report.json."""
+def export_run_dir(run_dir: Path, data_dir: str | None = None,
+                   trusted: frozenset[str] = frozenset()) -> dict:
+    """`stillhouse export RUN_DIR`: redo the last stage of a finished run; updates report.json.
+
+    The data comes from where the run recorded it (`data.json`: the data dir, or a streamed
+    source's prepared copy); a `data_dir` given here wins."""
     import json
 
     from orchestrator.report import publish_report
     from specs import load_spec
     from specs.job import TrainedTeacher
-    from trainers.data import load_dataset
     from trainers.teacher_server import load_teacher
 
     run_dir = Path(run_dir)
@@ -237,17 +263,37 @@ def export_run_dir(run_dir: Path, data_dir: str | None = None) -> dict:
         raise NotARunDirError(f"{run_dir} is not a finished run dir (no spec.yaml or report.json)")
     spec = load_spec(run_dir / "spec.yaml")
     report = json.loads(report_path.read_text())
-    data = load_dataset(spec.data, data_dir, spec.seed)
+    data = recorded_data(run_dir, spec, data_dir)
     if isinstance(spec.teacher, TrainedTeacher):
         blob = (run_dir / "checkpoints" / "teacher" / "model.safetensors").read_bytes()
     else:
         blob = Path(spec.teacher.path).read_bytes()
-    teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
+    teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes, trusted)
     teacher = {**report["teacher"], "file_bytes": len(blob)}
-    report.update(compress_and_export(spec, data, run_dir, teacher, teacher_model))
+    report.update(compress_and_export(spec, data, run_dir, teacher, teacher_model, trusted))
     report.setdefault("files", {})["compressed"] = COMPRESSED_FILE
+    report["files"]["exported_program"] = EXPORTED_PROGRAM
     tmp = report_path.with_name("report.json.partial")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(report_path)
     publish_report(report, run_dir)
     return report
+
+
+def recorded_data(run_dir: Path, spec: JobSpec, data_dir: str | None):
+    """The data a finished run used, from its `data.json`."""
+    import json
+
+    from trainers.data import DataError, load_dataset
+
+    record = run_dir / "data.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    if recorded.get("prepared"):
+        from trainers.image_sources import MANIFEST, StreamedData
+
+        folder = Path(recorded["prepared"])
+        if not (folder / MANIFEST).is_file():
+            raise DataError(f"the prepared copy of the data, {folder}, is gone: run the job "
+                            "again to prepare it")
+        return StreamedData.open(folder)
+    return load_dataset(spec.data, data_dir or recorded.get("data_dir"), spec.seed)

@@ -21,11 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from specs import JobSpec, spec_hash
 from specs.errors import InputError, JobError
-from specs.job import CheckpointTeacher, ExportedTeacher, TrainedTeacher
+from specs.job import TrainedTeacher
 
 WORKERS_GONE_S = 120.0  # how long a new driver waits for an earlier run's workers to exit
 
@@ -36,48 +37,48 @@ class RunDirError(InputError):
 
 def run_job(
     spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None,
-    address: str | None = None,
+    address: str | None = None, trusted_modules: tuple[str, ...] = (),
 ) -> dict:
     """Run (or resume) one job; returns the report.
 
     Without `address` the job starts an embedded local Ray cluster; with one (`auto` inside a
-    submitted job) it connects to that cluster.
+    submitted job) it connects to that cluster. `trusted_modules` are the top-level packages
+    whose code `python` models may run (with `STILLHOUSE_TRUSTED_MODULES`).
     """
     from cluster.local import check_cpus, job_cluster
-    from trainers.data import load_dataset
+    from orchestrator.preflight import preflight
+    from trainers.models import trusted_modules as trusted_from, trusted_package_dirs
 
     # everything that can be checked without Ray is checked before Ray starts or a file is written
+    trusted = trusted_from(trusted_modules)
     if address is None:
         check_cpus(spec, os.cpu_count() or 1, "this machine")
-    data = load_dataset(spec.data, data_dir, spec.seed)
-    if spec.distillation.features:  # module names exist, shapes can match
-        from trainers.features import check_feature_spec
-
-        check_feature_spec(spec, data.image_shape, data.num_classes)
-    given_teacher = None  # (file bytes, model) of a teacher the spec names a file for
-    teacher_file = _teacher_file(spec)
-    if teacher_file is not None:  # a bad teacher file fails here, not inside a replica
-        from trainers.teacher_server import load_teacher
-
-        blob = teacher_file.read_bytes()
-        given_teacher = (blob, load_teacher(spec.teacher, blob, data.image_shape, data.num_classes))
     run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
+    data_dir = _data_dir(run_path, data_dir)
+    plan = preflight(spec, data_dir, trusted)
+    py_modules = trusted_package_dirs(trusted) if trusted else []
     lock = _lock_run_dir(run_path)  # noqa: F841 (held until this process ends)
     digest = _claim_run_dir(spec, run_path)
     job_id = uuid.uuid4().hex[:12]
     _say(f"job {spec.name} ({job_id}), spec {digest}, run dir {run_path}")
+    for warning in plan.warnings:
+        _say(f"warning: {warning}")
 
-    with job_cluster(spec, address):
+    with job_cluster(spec, address, py_modules=py_modules):
         from trainers.tracking import Tracker, git_revision
 
+        data = plan.data if plan.data is not None else _prepare(spec, data_dir, run_path, plan)
+        _record_data(run_path, data_dir, data)
         ids = {"job_id": job_id, "spec_hash": digest, "git_revision": git_revision(),
                "ray_job_id": os.environ.get("RAY_JOB_ID") or None}
         tracker = Tracker.start(
             spec, run_path, job_type="driver", name=f"{spec.name}-driver",
             config={"spec": spec.model_dump(mode="json"), **ids},
         )
+        given = (plan.teacher_blob, plan.teacher_model) if plan.teacher_blob else None
         try:
-            report = _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids)
+            report = _stages(spec, data, data_dir, run_path, given, tracker, ids, trusted,
+                             plan.warnings)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
@@ -85,7 +86,55 @@ def run_job(
     return report
 
 
-def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict:
+DATA_RECORD = "data.json"  # in a run dir: where its data came from
+
+
+def _data_dir(run_path: Path, given: str | None) -> str | None:
+    """The data dir of this run: the one given (made absolute, since Ray workers start in other
+    folders), else the one an earlier run of this run dir recorded. A given one that differs
+    from the recorded one is said, and wins."""
+    record = run_path / DATA_RECORD
+    recorded = json.loads(record.read_text()).get("data_dir") if record.is_file() else None
+    if given is None:
+        if recorded:
+            _say(f"data dir {recorded} (recorded by an earlier run of {run_path})")
+        return recorded
+    absolute = str(Path(given).resolve())
+    if recorded and recorded != absolute:
+        _say(f"warning: data dir {absolute} given; the earlier run of this run dir used "
+             f"{recorded}")
+    return absolute
+
+
+def _record_data(run_path: Path, data_dir: str | None, data) -> None:
+    """Remember the data source, so that `export`, `report` and a rerun need no flag again."""
+    body = {"data_dir": data_dir, "prepared": getattr(data, "folder", None),
+            "source": data.describe()}
+    tmp = run_path / (DATA_RECORD + ".partial")
+    tmp.write_text(json.dumps(body, indent=1))
+    tmp.replace(run_path / DATA_RECORD)
+
+
+def _prepare(spec: JobSpec, data_dir: str | None, run_path: Path, plan):
+    """A streamed source's prepared copy: decoded now (a Ray Data job) unless an earlier job
+    with the same source and preprocessing left it in the cache dir."""
+    from trainers.image_sources import MANIFEST, prepare
+
+    root = Path(spec.data.cache_dir or run_path.parent / "data-cache").resolve()
+    folder = root / plan.listing.key
+    if (folder / MANIFEST).is_file():
+        _say(f"data: reusing the prepared copy {folder}")
+        return prepare(spec.data, data_dir, root, plan.listing)
+    started = time.perf_counter()
+    _say(f"data: preparing {plan.listing.train_rows:,} + {plan.listing.test_rows:,} images "
+         f"({spec.data.kind}) into {folder}")
+    data = prepare(spec.data, data_dir, root, plan.listing)
+    _say(f"data: prepared in {time.perf_counter() - started:.1f}s")
+    return data
+
+
+def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted,
+            warnings) -> dict:
     from orchestrator.report import build_report, format_table, publish_report
     from trainers import checkpoint
     from trainers.models import count_params
@@ -96,6 +145,12 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
 
     ckpt_root = run_path / "checkpoints"
     started = time.perf_counter()
+    prepared = getattr(data, "folder", None)
+
+    def request(stage: str, **extra) -> StageRequest:
+        return StageRequest(spec.model_dump_json(), stage, str(run_path), data_dir,
+                            prepared=prepared, trusted=tuple(sorted(trusted)),
+                            wandb_config=ids, wandb_mode=tracker.mode, **extra)
 
     # 1. teacher ---------------------------------------------------------------------------
     if isinstance(spec.teacher, TrainedTeacher):
@@ -106,11 +161,10 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         else:
             _say(f"stage 1/4 teacher: training {spec.teacher.model.kind} for "
                  f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
-            _fit(spec, run_path, StageRequest(spec.model_dump_json(), "teacher", str(run_path),
-                                             data_dir, wandb_config=ids,
-                                             wandb_mode=tracker.mode))
+            _fit(spec, run_path, request("teacher"))
         blob = (ckpt_root / TEACHER_CHECKPOINT / "model.safetensors").read_bytes()
-        teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes)
+        teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes,
+                                     trusted)
     else:
         _say(f"stage 1/4 teacher: loaded from {spec.teacher.path}")
         blob, teacher_model = given_teacher
@@ -118,16 +172,20 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
     # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
     logit_cache = None
     if spec.logits.mode != "online":
-        logit_cache = _logit_cache(spec, blob, data, run_path)
+        logit_cache = _logit_cache(spec, blob, data, run_path, trusted)
 
     # 2. teacher pool ----------------------------------------------------------------------
     shared = f" (shared pool {spec.resources.shared_pool})" if spec.resources.shared_pool else ""
     _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas{shared}")
-    pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes)
+    pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes, trusted)
     try:
-        teacher_logits = pool.predict(data.x_test)
+        if data.streamed:
+            teacher_logits = pool.predict_batches(data.test_batches())
+        else:
+            teacher_logits = pool.predict(data.x_test)
+        y_test = np.concatenate([y for _, y in data.test_batches()])
         teacher = {
-            "accuracy": float((teacher_logits.argmax(-1) == data.y_test).mean()),
+            "accuracy": float((teacher_logits.argmax(-1) == y_test).mean()),
             "params": count_params(teacher_model),
             "source": spec.teacher.kind,
         }
@@ -153,10 +211,8 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
                      f"pruning rounds to {spec.pruning.target_sparsity:.0%} sparsity")
             else:
                 _say("stage 3/4 student: dense distillation (pruning disabled)")
-            _fit(spec, run_path, StageRequest(spec.model_dump_json(), "student", str(run_path),
-                                             data_dir, teacher_replicas=pool.replicas,
-                                             logit_cache=logit_cache, wandb_config=ids,
-                                             wandb_mode=tracker.mode))
+            _fit(spec, run_path, request("student", teacher_replicas=pool.replicas,
+                                         logit_cache=logit_cache))
         if logit_cache is None:
             replica_stats = pool.stats()
     finally:
@@ -171,11 +227,14 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
         spec_name=spec.name, spec_hash=ids["spec_hash"], teacher=teacher, phases=metas,
         files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
     )
-    from orchestrator.compress import COMPRESSED_FILE, compress_and_export
+    from orchestrator.compress import COMPRESSED_FILE, EXPORTED_PROGRAM, compress_and_export
 
     teacher["file_bytes"] = len(blob)
-    report.update(compress_and_export(spec, data, run_path, teacher, teacher_model))
+    report["data"] = data.describe()
+    report["warnings"] = list(warnings) + [w for m in metas for w in m.get("warnings", [])]
+    report.update(compress_and_export(spec, data, run_path, teacher, teacher_model, trusted))
     report["files"]["compressed"] = COMPRESSED_FILE
+    report["files"]["exported_program"] = EXPORTED_PROGRAM
     report["wall_seconds"] = time.perf_counter() - started
     report["placement"] = {  # nodes of the teacher replicas and of the last phase's workers
         "teacher_nodes": [r["node_id"] for r in replica_stats],
@@ -190,13 +249,15 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids) -> dict
     tracker.log_artifact(
         f"{spec.name}-student", "model",
         [run_path / "student.safetensors", run_path / "student-masks.safetensors",
-         run_path / COMPRESSED_FILE, run_path / "report.json"],
+         run_path / COMPRESSED_FILE, run_path / EXPORTED_PROGRAM, run_path / "report.json"],
         metadata={"spec_hash": ids["spec_hash"], **{k: report["final"][k] for k in
                   ("accuracy", "sparsity", "nonzero_params", "dense_params")},
                   **{f"export_{k}": report["export"][k] for k in
                      ("compressed_file_bytes", "dense_file_bytes", "bits", "accuracy")}},
     )
     _say("stage 4/4 report: " + str(run_path / "report.json"))
+    for warning in report["warnings"]:
+        _say(f"warning: {warning}")
     print(format_table(report), flush=True)
     return report
 
@@ -224,20 +285,21 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
         raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)}")
 
 
-def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path) -> tuple[str, str]:
+def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path,
+                 trusted: frozenset[str]) -> tuple[str, str]:
     """The (dir, key) of a complete cache for this teacher and data, filled now if missing."""
     from trainers.logit_cache import LogitCache, cache_key, fill_cache
 
     root = Path(spec.logits.cache_dir or run_path.parent / "logit-cache").resolve()
-    key = cache_key(blob, data.x_train, mode=spec.logits.mode, top_k=spec.logits.top_k,
+    key = cache_key(blob, data.fingerprint(), mode=spec.logits.mode, top_k=spec.logits.top_k,
                     temperature=spec.distillation.temperature,
                     precision=spec.teacher_precision)
     if LogitCache.open(root, key, 1) is not None:
         _say(f"logit cache: reusing {root / key}")
     else:
         started = time.perf_counter()
-        folder = fill_cache(spec, blob, data.x_train, data.num_classes, root, key)
-        _say(f"logit cache: wrote {folder} ({len(data.x_train):,} samples, "
+        folder = fill_cache(spec, blob, data, root, key, trusted)
+        _say(f"logit cache: wrote {folder} ({data.train_rows:,} samples, "
              f"{spec.logits.mode}) in {time.perf_counter() - started:.1f}s")
     return str(root), key
 
@@ -282,17 +344,6 @@ def _claim_run_dir(spec: JobSpec, run_path: Path) -> str:
     (run_path / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     marker.write_text(json.dumps({"spec_hash": digest, "name": spec.name}))
     return digest
-
-
-def _teacher_file(spec: JobSpec) -> Path | None:
-    if isinstance(spec.teacher, (CheckpointTeacher, ExportedTeacher)):
-        path = Path(spec.teacher.path)
-        if not path.is_file():
-            from trainers.teacher_server import TeacherLoadError
-
-            raise TeacherLoadError(f"`teacher.path`: no such file {path}")
-        return path
-    return None
 
 
 def _first_line(err: BaseException) -> str:

@@ -93,8 +93,13 @@ def format_table(report: dict) -> str:
         f"{f['nonzero_params']:,} of {f['dense_params']:,} weights nonzero "
         f"({f['compression_ratio']:.1f}x fewer)"
     )
-    lines.append("per-layer sparsity: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in f["layer_sparsity"].items()))
+    layers = f["layer_sparsity"]
+    if len(layers) <= 12:
+        lines.append("per-layer sparsity: " + ", ".join(f"{k} {v:.3f}" for k, v in layers.items()))
+    else:  # a deep model: the spread, not a wall of names (report.json has every layer)
+        values = sorted(layers.values())
+        lines.append(f"per-layer sparsity over {len(values)} tensors: min {values[0]:.3f}, "
+                     f"median {values[len(values) // 2]:.3f}, max {values[-1]:.3f}")
     if report.get("stages"):
         from orchestrator.plots import size_table
 

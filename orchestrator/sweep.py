@@ -33,6 +33,7 @@ def _shares_teacher(spec: JobSpec) -> bool:
 
 def run_sweep(
     spec: JobSpec, *, run_dir: str, data_dir: str | None = None, address: str | None = None,
+    trusted_modules: tuple[str, ...] = (),
 ) -> dict:
     from trainers.tracking import Tracker
 
@@ -44,10 +45,15 @@ def run_sweep(
 
         for _, point_spec in points:  # every point fits, before anything starts
             check_cpus(point_spec, os.cpu_count() or 1, "this machine")
-        with embedded_cluster(max((p for _, p in points), key=lambda p: p.total_cpus)):
-            rows = _run_points(spec, points, root, data_dir, CURRENT)
+        from trainers.models import trusted_modules as trusted_from, trusted_package_dirs
+
+        trusted = trusted_from(trusted_modules)
+        py_modules = trusted_package_dirs(trusted) if trusted else []
+        with embedded_cluster(max((p for _, p in points), key=lambda p: p.total_cpus),
+                              py_modules=py_modules):
+            rows = _run_points(spec, points, root, data_dir, CURRENT, trusted_modules)
     else:
-        rows = _run_points(spec, points, root, data_dir, address)
+        rows = _run_points(spec, points, root, data_dir, address, trusted_modules)
     share = _shares_teacher(spec)
     keys = list(spec.sweep.grid) if spec.sweep else []
     result = {"name": spec.name, "grid": spec.sweep.grid if spec.sweep else {}, "rows": rows,
@@ -69,7 +75,7 @@ def run_sweep(
 
 
 def _run_points(spec: JobSpec, points: list, root: Path, data_dir: str | None,
-                address: str | None) -> list[dict]:
+                address: str | None, trusted_modules: tuple[str, ...]) -> list[dict]:
     """Run every point's job in turn; the first trains the teacher the others reuse."""
     from orchestrator.job import run_job
 
@@ -85,7 +91,8 @@ def _run_points(spec: JobSpec, points: list, root: Path, data_dir: str | None,
             })
         print(f"[sweep] point {i + 1}/{len(points)}: {point}", flush=True)
         point_dir = root / f"point-{i:02d}"
-        report = run_job(point_spec, data_dir=data_dir, run_dir=str(point_dir), address=address)
+        report = run_job(point_spec, data_dir=data_dir, run_dir=str(point_dir), address=address,
+                         trusted_modules=trusted_modules)
         if share and teacher_file is None:
             teacher_file = point_dir / "checkpoints" / "teacher" / "model.safetensors"
         final = report["final"]

@@ -12,30 +12,41 @@ def _logits(n=1000, c=10, seed=0):
     return (np.random.default_rng(seed).standard_normal((n, c)) * 4).astype(np.float32)
 
 
+def _fingerprint(x: np.ndarray) -> str:
+    from trainers.data import Dataset
+
+    y = np.zeros(len(x), np.int64)
+    return Dataset(x, y, x, y, num_classes=1).fingerprint()
+
+
 def test_key_changes_with_teacher_data_and_settings():
-    x = np.ones((10, 1, 8, 8), np.float32)
+    x = _fingerprint(np.ones((10, 1, 8, 8), np.float32))
     base = dict(mode="cached", top_k=5, temperature=4.0, precision="fp32")
     k = cache_key(b"teacher", x, **base)
-    assert k == cache_key(b"teacher", x.copy(), **base)
+    assert k == cache_key(b"teacher", _fingerprint(np.ones((10, 1, 8, 8), np.float32)), **base)
     assert k != cache_key(b"teacher2", x, **base)
-    assert k != cache_key(b"teacher", x * 2, **base)
+    assert k != cache_key(b"teacher", _fingerprint(np.full((10, 1, 8, 8), 2, np.float32)), **base)
+    assert k != cache_key(b"teacher", _fingerprint(np.ones((5, 2, 8, 8), np.float32)), **base)
     assert k != cache_key(b"teacher", x, **{**base, "precision": "bf16"})
     assert cache_key(b"t", x, **{**base, "mode": "topk"}) != cache_key(
         b"t", x, **{**base, "mode": "topk", "top_k": 3})
     assert k == cache_key(b"teacher", x, **{**base, "temperature": 2.0})  # full logits: T-free
 
 
-def test_shards_roundtrip_and_memory_bound(tmp_path):
-    logits = _logits(1000)
+def test_shards_roundtrip_by_sample_id_and_memory_bound(tmp_path):
+    """Rows written in one order (a streamed source's prepared order) are found by sample id."""
+    logits = _logits(1000)  # row i: the teacher's logits for sample id i
+    written = np.random.default_rng(1).permutation(1000)  # the order the samples were read in
     writer = CacheWriter(tmp_path, "k1", shard_size=128, meta={"classes": 10})
     for i in range(0, 1000, 300):  # batches that straddle shard boundaries
-        writer.add({"logits": logits[i : i + 300]})
+        ids = written[i : i + 300]
+        writer.add({"ids": ids, "logits": logits[ids]})
     assert LogitCache.open(tmp_path, "k1", 2) is None  # nothing until committed
     writer.commit()
     cache = LogitCache.open(tmp_path, "k1", max_shards_in_memory=2)
     assert cache.rows == 1000 and len(list((tmp_path / "k1").glob("shard-*"))) == 8
-    idx = np.random.default_rng(0).permutation(1000)[:256]
-    assert np.array_equal(cache.logits(idx), logits[idx])
+    ids = np.random.default_rng(0).permutation(1000)[:256]
+    assert np.array_equal(cache.logits(ids), logits[ids])  # copies of stored floats: exact
     assert len(cache._shards) <= 2
 
 

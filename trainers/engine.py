@@ -206,6 +206,27 @@ class DistillEngine:
             out[name] = (full if full is not None else p.detach()).float().clone().reshape(p.shape)
         return out
 
+    @torch.no_grad()
+    def average_buffers(self) -> None:
+        """Average the floating buffers over the workers (BatchNorm's running statistics).
+
+        Each worker updates them from its own share of the data and nothing in DeepSpeed's step
+        syncs them, so without this every rank would evaluate, and rank 0 would save, statistics
+        of half the data. Collective: every rank calls it, at the end of a phase."""
+        if self.world_size == 1:
+            return
+        for b in self.module.buffers():
+            if b.is_floating_point():
+                total = b.detach().float().clone()
+                dist.all_reduce(total)
+                b.copy_(total / self.world_size)
+
+    def buffers_fp32(self) -> dict[str, torch.Tensor]:
+        """The module's buffers (BatchNorm's running statistics, ...), floating ones as fp32:
+        with the fp32 weights they make the full state dict a checkpoint stores."""
+        return {name: (b.float() if b.is_floating_point() else b).detach().clone().cpu()
+                for name, b in self.module.named_buffers()}
+
     def prune_to(self, sparsity: float) -> float | None:
         """Recompute global masks at `sparsity` from the fp32 master weights; returns the threshold.
 

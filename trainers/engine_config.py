@@ -25,6 +25,9 @@ def deepspeed_config(
             "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
         },
         "bf16": {"enabled": spec.precision == "bf16"},
+        # bf16 weights: floating buffers (BatchNorm's running statistics) in bf16 too, or a
+        # BatchNorm gets bf16 inputs and fp32 statistics and refuses them
+        **({"data_types": {"buffer_dtype": "bf16"}} if spec.precision == "bf16" else {}),
         "torch_autocast": {"enabled": spec.precision == "bf16_autocast", "dtype": "bfloat16"},
         "zero_optimization": {"stage": spec.deepspeed.zero_stage},
         "gradient_clipping": grad_clip,

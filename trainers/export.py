@@ -154,12 +154,13 @@ def read_compressed(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     return meta, state, ranges, meta["layout"]
 
 
-def load_compressed(path: Path) -> tuple[nn.Module, dict]:
-    """A runnable model (eval mode) and the file's metadata."""
+def load_compressed(path: Path, trusted: frozenset[str] = frozenset()) -> tuple[nn.Module, dict]:
+    """A runnable model (eval mode) and the file's metadata. A `python` model's factory runs
+    only when its package is in `trusted`."""
     from trainers.quantize import dynamic_int8, static_int8
 
     meta, state, ranges, _ = read_compressed(path)
-    model = build_from_architecture(meta["architecture"])
+    model = build_from_architecture(meta["architecture"], trusted)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -187,11 +188,35 @@ def dense_file(path: Path, state: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def accuracy(model: nn.Module, x, y, batch: int = 1024) -> tuple[float, torch.Tensor]:
     """(test accuracy, predicted classes) of an eval-mode model on numpy arrays."""
-    preds = []
-    for i in range(0, len(x), batch):
-        preds.append(model(torch.from_numpy(x[i : i + batch]).float()).float().argmax(-1))
-    pred = torch.cat(preds)
-    return float((pred == torch.from_numpy(y)).float().mean()), pred
+    batches = ((x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch))
+    pred, labels = predictions(model, batches)
+    return float((pred == labels).float().mean()), pred
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, labels) of an eval-mode model over (x, y) numpy batches."""
+    preds, labels = [], []
+    for x, y in batches:
+        preds.append(model(torch.from_numpy(x).float()).float().argmax(-1))
+        labels.append(torch.from_numpy(y))
+    return torch.cat(preds), torch.cat(labels)
+
+
+def export_program(model: nn.Module, image_shape: tuple[int, ...], path: Path) -> None:
+    """Save `model` as a `torch.export` program whose batch size is dynamic (what
+    `torch.export.load(path).module()` runs, with torch alone: no stillhouse, no pickle)."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    example = torch.zeros(2, *image_shape)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    tmp = path.with_name(".partial-" + path.name)  # torch.export wants the .pt2 suffix
+    torch.export.save(program, str(tmp))
+    tmp.replace(path)
+
+
+def load_program(path: Path) -> nn.Module:
+    return torch.export.load(str(path)).module()
 
 
 @torch.no_grad()

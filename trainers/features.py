@@ -81,15 +81,16 @@ def feature_shapes(model: nn.Module, names: list[str], image_shape: tuple) -> li
         tap.remove()
 
 
-def check_feature_spec(spec, image_shape: tuple, num_classes: int):
+def check_feature_spec(spec, image_shape: tuple, num_classes: int,
+                       trusted: frozenset[str] = frozenset()):
     """(student shapes, teacher shapes) of the spec's feature pairs; raises FeatureSpecError."""
     from trainers.models import build_model
 
     pairs = spec.distillation.features
     if not pairs:
         return [], []
-    student = build_model(spec.student.model, image_shape, num_classes)
-    teacher = build_model(spec.teacher.model, image_shape, num_classes)
+    student = build_model(spec.student.model, image_shape, num_classes, trusted, "student.model")
+    teacher = build_model(spec.teacher.model, image_shape, num_classes, trusted, "teacher.model")
     try:
         s_shapes = feature_shapes(student, [p.student for p in pairs], image_shape)
     except FeatureSpecError as err:

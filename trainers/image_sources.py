@@ -419,7 +419,7 @@ def prepare(spec: ParquetData | ImageFolderData, data_dir: str | None, cache_roo
     shards = {}
     for split in ("train", "test"):
         items = _items(spec, listing, split, listing.key)
-        decoder = _Decoder(spec.kind, listing.channels, listing.size, listing.fixed,
+        decoder = _Decoder(spec.kind, listing.channels, listing.size, listing.fixed_size,
                            getattr(spec, "image_column", None), getattr(spec, "label_column", None))
         batch = 64 if isinstance(spec, ImageFolderData) else 1
         ds = ray.data.from_items(items).map_batches(

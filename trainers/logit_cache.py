@@ -3,12 +3,17 @@
 Layout, readable by any safetensors reader (numpy, torch, Rust):
 
     <cache_dir>/<key>/manifest.json            key, mode, rows, classes, shard size, what made it
-    <cache_dir>/<key>/shard-00000.safetensors  rows [0, shard_size): `logits` (n, C) float32, or
-                                               `values` (n, k) float32, `indices` (n, k) int64,
-                                               `lse` (n,) float32 for top-k
+    <cache_dir>/<key>/shard-00000.safetensors  rows [0, shard_size): `ids` (n,) int64 sample ids,
+                                               `logits` (n, C) float32, or `values` (n, k)
+                                               float32, `indices` (n, k) int64, `lse` (n,)
+                                               float32 for top-k
 
-The key hashes the teacher file's bytes, the preprocessed training inputs, the teacher precision
-and (for top-k) k and the temperature, so a changed teacher or dataset never serves stale logits.
+Rows are looked up by sample id, not by position: a streamed source's rows are cached in the
+order its prepared shards hold them, and training batches come in any order and sharding.
+
+The key hashes the teacher file's bytes, the preprocessed training data's fingerprint, the
+teacher precision and (for top-k) k and the temperature, so a changed teacher or dataset never
+serves stale logits.
 A cache is written under `.partial-<key>` and renamed into place when complete. Readers map
 shards into memory lazily (a safetensors file is a JSON header and raw arrays, so each tensor is
 a read-only `numpy.memmap` at its offset): a batch reads only the rows it asks for, and at most
@@ -34,15 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "stillhouse-logits-v1"
+FORMAT = "stillhouse-logits-v2"  # v2: rows carry their sample ids
 
 
-def cache_key(teacher_blob: bytes, x_train: np.ndarray, *, mode: str, top_k: int,
+def cache_key(teacher_blob: bytes, data_fingerprint: str, *, mode: str, top_k: int,
               temperature: float, precision: str) -> str:
+    """The cache's name: the teacher file's bytes, the preprocessed training data (its
+    fingerprint), the teacher precision and, for top-k, k and the temperature."""
     h = hashlib.sha256(FORMAT.encode())
     h.update(hashlib.sha256(teacher_blob).digest())
-    h.update(hashlib.sha256(np.ascontiguousarray(x_train).tobytes()).digest())
-    h.update(str(x_train.shape).encode())
+    h.update(data_fingerprint.encode())
     settings = {"mode": "full" if mode == "cached" else "topk", "precision": precision}
     if mode == "topk":
         settings.update(top_k=top_k, temperature=temperature)
@@ -155,6 +161,15 @@ class LogitCache:
         self.max_shards = max_shards_in_memory
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.shard_loads = 0
+        # sample id -> row of the cache: rows are written in the order the data was read (a
+        # streamed source's prepared order), and looked up by the ids a batch carries
+        self.row_of_id = np.empty(self.rows, dtype=np.int64)
+        size = self.manifest["shard_size"]
+        for i in range(self.manifest["shards"]):
+            ids = np.asarray(map_safetensors(self.folder / f"shard-{i:05d}.safetensors")["ids"])
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.rows):
+                raise ValueError(f"{self.folder}: shard {i} holds ids outside 0..{self.rows - 1}")
+            self.row_of_id[ids] = i * size + np.arange(len(ids))
 
     @classmethod
     def open(cls, root: Path, key: str, max_shards_in_memory: int) -> "LogitCache | None":
@@ -178,8 +193,9 @@ class LogitCache:
             self._shards.popitem(last=False)
         return shard
 
-    def logits(self, indices: np.ndarray) -> np.ndarray:
-        """(B,) sample indices -> (B, C) float32 teacher logits (pseudo-logits for top-k)."""
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """(B,) sample ids -> (B, C) float32 teacher logits (pseudo-logits for top-k)."""
+        indices = self.row_of_id[np.asarray(ids)]
         size = self.manifest["shard_size"]
         shard_of = indices // size
         out = None
@@ -203,9 +219,12 @@ class LogitCache:
 
 
 class _TeacherBatches:
-    """Ray Data callable class: one teacher per actor, (B, C, H, W) batches -> cache rows."""
+    """Ray Data callable class: one teacher per actor, batches of samples -> cache rows (their
+    ids and the teacher's logits). Batches are in-memory inputs (`data`, float32, normalized)
+    or a streamed source's prepared rows (`image`, uint8, normalized here as workers do)."""
 
-    def __init__(self, spec_json: str, blob_ref, image_shape: tuple, num_classes: int):
+    def __init__(self, spec_json: str, blob_ref, image_shape: tuple, num_classes: int,
+                 normalization, trusted: tuple[str, ...]):
         import ray
         import torch
 
@@ -213,46 +232,79 @@ class _TeacherBatches:
         from trainers.teacher_server import TeacherServer, load_teacher
 
         self.spec = JobSpec.model_validate_json(spec_json)
+        self.image_shape = tuple(image_shape)
+        self.normalization = normalization
         torch.set_num_threads(max(1, int(self.spec.resources.teacher_cpus)))
-        model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), tuple(image_shape), num_classes)
+        model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), self.image_shape,
+                             num_classes, frozenset(trusted))
         self.server = TeacherServer(model, self.spec.teacher_precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        logits = self.server.logits(batch["data"])
+        from trainers.data import normalize
+
+        if "image" in batch:
+            pixels = np.stack(batch["image"]) if batch["image"].dtype == object else batch["image"]
+            x = normalize(pixels.reshape(len(pixels), *self.image_shape).astype(np.float32)
+                          / 255.0, self.normalization)
+        else:
+            x = batch["data"]
+        logits = self.server.logits(x)
         if self.spec.logits.mode == "topk":
-            temperature = self.spec.distillation.temperature
-            return compress_topk(logits, self.spec.logits.top_k, temperature)
-        return {"logits": logits}
+            out = compress_topk(logits, self.spec.logits.top_k, self.spec.distillation.temperature)
+        else:
+            out = {"logits": logits}
+        return {"ids": np.asarray(batch["id"], dtype=np.int64), **out}
 
 
-def fill_cache(spec, blob: bytes, x_train: np.ndarray, num_classes: int, root: Path,
-               key: str) -> Path:
+def fill_cache(spec, blob: bytes, data, root: Path, key: str,
+               trusted: frozenset[str] = frozenset()) -> Path:
     """Run the teacher over the whole training set as a Ray Data job with an actor pool of
-    `resources.teacher_replicas` teachers, and write the cache in sample order."""
+    `resources.teacher_replicas` teachers, and write the cache, each row with its sample id.
+
+    `data` is an in-memory `Dataset` (its arrays go into the object store in blocks) or a
+    streamed source's prepared copy (Ray Data reads its shards)."""
     import ray
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # shard rows must follow sample order
+    context.execution_options.preserve_order = True  # rows in the order they are read
+    context.enable_progress_bars = False
     blob_ref = ray.put(blob)
-    # several blocks, so every actor of the pool gets work; order is kept by preserve_order
-    blocks = np.array_split(x_train, max(1, 4 * spec.resources.teacher_replicas))
-    rows = ray.data.from_numpy(blocks).map_batches(
+    if data.streamed:
+        shards = [str(Path(data.folder) / s["file"]) for s in data.manifest["train"]]
+        source = ray.data.read_parquet(shards, columns=["id", "image"],
+                                       ray_remote_args={"num_cpus": 0})
+    else:
+        # several blocks, so every actor of the pool gets work
+        n = len(data.x_train)
+        parts = np.array_split(np.arange(n), max(1, 4 * spec.resources.teacher_replicas))
+        source = ray.data.from_items([{"start": int(p[0]), "stop": int(p[-1]) + 1}
+                                      for p in parts if len(p)])
+        x_ref = ray.put(data.x_train)  # once; each block reads its rows from shared memory
+
+        def rows(batch: dict) -> dict:
+            x = ray.get(x_ref)
+            start, stop = int(batch["start"][0]), int(batch["stop"][0])
+            return {"id": np.arange(start, stop), "data": x[start:stop]}
+
+        source = source.map_batches(rows, batch_size=1, batch_format="numpy", num_cpus=0)
+    rows_out = source.map_batches(
         _TeacherBatches,
-        fn_constructor_args=(spec.model_dump_json(), [blob_ref], x_train.shape[1:], num_classes),
+        fn_constructor_args=(spec.model_dump_json(), [blob_ref], tuple(data.image_shape),
+                             data.num_classes, data.normalization, tuple(sorted(trusted))),
         batch_size=1024,
         batch_format="numpy",
         concurrency=spec.resources.teacher_replicas,
         num_cpus=spec.resources.teacher_cpus,
     )
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
-        "mode": spec.logits.mode, "classes": num_classes, "top_k": spec.logits.top_k,
-        "temperature": spec.distillation.temperature,
-        "precision": spec.teacher_precision,
+        "mode": spec.logits.mode, "classes": data.num_classes, "top_k": spec.logits.top_k,
+        "temperature": spec.distillation.temperature, "precision": spec.teacher_precision,
     })
-    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in rows_out.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(batch)
     folder = writer.commit()
-    if writer.rows != len(x_train):
-        raise RuntimeError(f"logit cache {key}: wrote {writer.rows} rows for {len(x_train)} samples")
+    if writer.rows != data.train_rows:
+        raise RuntimeError(f"logit cache {key}: wrote {writer.rows} rows for {data.train_rows} "
+                           "samples")
     return folder

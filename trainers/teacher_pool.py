@@ -44,15 +44,20 @@ class TeacherReplica:
     """One replica: loads the teacher once, then answers `logits` calls, batching concurrent
     requests from all students into one forward (an async actor around `RequestBatcher`)."""
 
-    def __init__(self, spec_json: str, blob: bytes, image_shape: tuple, num_classes: int):
+    def __init__(self, spec_json: str, blob_ref: list, image_shape: tuple, num_classes: int,
+                 trusted: tuple[str, ...] = ()):
+        """`blob_ref`: [ObjectRef of the teacher file's bytes]. Wrapped in a list, the ref is not
+        a constructor argument Ray resolves and pins for restarts: the pool that started the
+        replica holds it for its lifetime, and a restarted replica reads it again here."""
         import torch
 
         from trainers.teacher_server import RequestBatcher, TeacherServer, load_teacher
 
+        blob = ray.get(blob_ref[0])
         spec = JobSpec.model_validate_json(spec_json)
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
-        model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
+        model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes, frozenset(trusted))
         self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec))
         self.fingerprint = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
@@ -210,7 +215,8 @@ class TeacherPool:
 
     @classmethod
     def start(
-        cls, spec: JobSpec, blob: bytes, image_shape: tuple, num_classes: int
+        cls, spec: JobSpec, blob: bytes, image_shape: tuple, num_classes: int,
+        trusted: frozenset[str] = frozenset(),
     ) -> "TeacherPool":
         blob_ref = ray.put(blob)  # once; every replica (and every restart) reads the same object
         name = spec.resources.shared_pool
@@ -223,7 +229,8 @@ class TeacherPool:
                 "lifetime": "detached", "get_if_exists": True,
             }
             replicas.append(replica_cls.options(**options).remote(
-                spec.model_dump_json(), blob_ref, tuple(image_shape), num_classes))
+                spec.model_dump_json(), [blob_ref], tuple(image_shape), num_classes,
+                tuple(sorted(trusted))))
         pool = cls(replicas, spec, blob_ref, shared=bool(name), num_classes=num_classes)
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
@@ -263,6 +270,13 @@ class TeacherPool:
         batches = (np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
         rows = np.concatenate(list(self.client().stream_rows(source, batches)))
         return rows[:, : self.num_classes]  # without the features that may follow the logits
+
+    def predict_batches(self, batches) -> np.ndarray:
+        """Teacher logits for a stream of (x, ...) batches (e.g. a streamed test set), with
+        requests in flight: (N, num_classes) in order."""
+        out = self.client().stream(b[0] for b in batches)
+        rows = np.concatenate([np.asarray(r) for r in out])
+        return rows[:, : self.num_classes]
 
     def stats(self) -> list[dict]:
         return ray.get([r.stats.remote() for r in self.replicas])

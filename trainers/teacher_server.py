@@ -29,8 +29,14 @@ def load_teacher(
     blob: bytes,  # the teacher file's bytes: safetensors, .pt2 or TorchScript
     image_shape: tuple[int, int, int],
     num_classes: int,
+    trusted: frozenset[str] = frozenset(),
 ) -> nn.Module:
-    """Rebuild the teacher from bytes without unpickling anything."""
+    """Rebuild the teacher from bytes without unpickling anything.
+
+    An exported program (torch.export's .pt2 or TorchScript) is the user's own model with its
+    own preprocessing, if any, folded in: it receives exactly what the student receives (the
+    data section's preprocessed, normalized batch) and must answer (B, num_classes) logits.
+    """
     if isinstance(spec, ExportedTeacher):
         try:
             if spec.format == "torch_export":
@@ -40,7 +46,7 @@ def load_teacher(
             raise TeacherLoadError(f"cannot load {spec.format} teacher {spec.path}: {err}") from None
     from safetensors.torch import load as load_safetensors
 
-    model = build_model(spec.model, image_shape, num_classes)
+    model = build_model(spec.model, image_shape, num_classes, trusted, where="teacher.model")
     try:
         state = load_safetensors(blob)
     except Exception as err:
@@ -48,14 +54,29 @@ def load_teacher(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state.items()}
     if expected != given:
-        wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+        def first(names) -> str:
+            names = sorted(names)
+            return f"{names[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+
+        wrong = [f"{k} {given[k]} (model: {expected[k]})"
+                 for k in sorted(expected.keys() & given.keys()) if expected[k] != given[k]]
         raise TeacherLoadError(
             f"teacher weights do not fit `teacher.model` ({spec.model.kind}): "
-            f"missing {sorted(expected.keys() - given.keys())}, "
-            f"unexpected {sorted(given.keys() - expected.keys())}, wrong shape {wrong}"
+            f"missing {first(expected.keys() - given.keys())}, "
+            f"unexpected {first(given.keys() - expected.keys())}, wrong shape {first(wrong)}"
         )
     model.load_state_dict(state)
-    return model
+    return model.eval()
+
+
+def inference_mode_(model: nn.Module) -> nn.Module:
+    """`model.eval()`, except for a module of `torch.export.load(...).module()`: its train/eval
+    behaviour was fixed when it was exported (the docs export in eval mode), and torch 2.13
+    raises NotImplementedError on `.eval()` there."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 class TeacherServer:
@@ -66,7 +87,7 @@ class TeacherServer:
     """
 
     def __init__(self, model: nn.Module, precision: str, feature_layers: list[str] | None = None):
-        self.model = model.eval()
+        self.model = inference_mode_(model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.autocast = precision != "fp32"  # bf16 under autocast

@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from itertools import repeat
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +33,7 @@ from trainers.locks import WORKERS_LOCK, shared_lock
 from trainers.tracking import METRICS_FILE, Tracker, committed_rows, is_logged, mark_logged
 from specs.job import JobSpec
 from trainers import checkpoint
-from trainers.data import Dataset, Prefetcher, epoch_shard, load_dataset
+from trainers.data import Prefetcher, epoch_shard, load_dataset
 from trainers.engine import DistillEngine, set_distributed_env
 from trainers.features import (
     KD_PREFIX, build_projections, check_feature_spec, split_teacher_output, student_only,
@@ -53,7 +52,9 @@ class StageRequest:
     spec_json: str
     stage: Literal["teacher", "student"]
     run_dir: str
-    data_dir: str | None
+    data_dir: str | None  # an in-memory source's data dir (absolute)
+    prepared: str | None = None  # a streamed source's prepared copy (trainers/image_sources.py)
+    trusted: tuple[str, ...] = ()  # packages whose code `python` models may run
     teacher_replicas: list | None = None  # actor handles, student stage only
     logit_cache: tuple[str, str] | None = None  # (cache dir, key): read logits from the cache
     wandb_config: dict | None = None  # job id, spec hash: added to the W&B run config
@@ -71,12 +72,15 @@ def train_worker(config: dict) -> None:
     student = req.stage == "student"
     section = spec.student if student else spec.teacher
     phases = student_phases(spec) if student else teacher_phases(spec)
-    data = load_dataset(spec.data, req.data_dir, spec.seed)
+    data = open_data(spec, req)
+    trusted = frozenset(req.trusted)
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
-    model = build_model(section.model, data.image_shape, data.num_classes)
+    model = build_model(section.model, data.image_shape, data.num_classes, trusted,
+                        where=f"{req.stage}.model")
     teacher_shapes = None
     if student and spec.distillation.features:  # projections train with it
-        student_shapes, teacher_shapes = check_feature_spec(spec, data.image_shape, data.num_classes)
+        student_shapes, teacher_shapes = check_feature_spec(spec, data.image_shape,
+                                                            data.num_classes, trusted)
         model.add_module(KD_PREFIX, build_projections(student_shapes, teacher_shapes))
     engine = DistillEngine(
         model, spec, lr=section.lr, micro_batch=section.batch_size,
@@ -102,14 +106,16 @@ def train_worker(config: dict) -> None:
     if student and req.logit_cache:
         cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
                                 spec.logits.max_shards_in_memory)
-        if cache is None or cache.rows != len(data.y_train):
+        if cache is None or cache.rows != data.train_rows:
             raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
     elif student:
         client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
-        # once: teacher requests carry row indices into it, not the rows themselves; the worker
-        # reads its batches from the same shared-memory copy
-        source = ray.put(data.x_train)
-        data = replace(data, x_train=ray.get(source))
+        if not data.streamed and not spec.data.augment.enabled:
+            # once: teacher requests carry row indices into it, not the rows themselves; the
+            # worker reads its batches from the same shared-memory copy. (Augmented or streamed
+            # batches exist only in the worker: their values travel with each request.)
+            source = ray.put(data.x_train)
+            data = replace(data, x_train=ray.get(source))
     try:
         for phase in todo:
             global_step = _run_phase(
@@ -173,7 +179,7 @@ def stage_tracker(
 
 
 def _run_phase(
-    engine: DistillEngine, spec: JobSpec, phase: Phase, data: Dataset,
+    engine: DistillEngine, spec: JobSpec, phase: Phase, data,
     client: TeacherPoolClient | None, cache: LogitCache | None, source, tracker: Tracker,
     root: Path, rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
 ) -> int:
@@ -194,7 +200,7 @@ def _run_phase(
             snap()
             engine.after_step.append(snap)
         base_lr = section.lr * spec.quantization.lr_scale
-    steps_per_epoch = len(epoch_shard(len(data.y_train), section.batch_size, 0, spec.seed, rank, world))
+    steps_per_epoch = epoch_steps(data, section.batch_size, spec.seed, rank, world)
     total_steps = phase.epochs * steps_per_epoch
     temperature = spec.distillation.temperature
     alpha = spec.distillation.alpha
@@ -203,12 +209,12 @@ def _run_phase(
     started = time.perf_counter()
     for epoch in range(phase.epochs):
         epoch_start = time.perf_counter()
-        batches = epoch_shard(
-            len(data.y_train), section.batch_size, phase.index * 1000 + epoch, spec.seed, rank, world
-        )
-        epoch_losses = []
+        epoch_key = phase.index * 1000 + epoch  # distinct per (phase, epoch): order, crops
+        batches = training_batches(data, spec, section.batch_size, epoch_key, rank, world)
+        epoch_losses, epoch_samples = [], 0
         with Prefetcher(_step_inputs(data, batches, cache, client, source, engine)) as inputs:
             for idx, x, y, t_logits, t_features in inputs:
+                epoch_samples += len(idx)
                 lr = cosine_lr(step_in_phase, total_steps, base_lr)
                 engine.set_lr(lr)
                 parts = engine.train_step(x, y, t_logits, temperature, alpha, t_features)
@@ -230,10 +236,11 @@ def _run_phase(
         _print0(
             f"[{stage}] {phase.name} ({phase.index + 1}/{total_phases}) epoch {epoch + 1}/"
             f"{phase.epochs}: loss {np.mean(epoch_losses) if epoch_losses else float('nan'):.4f}, "
-            f"{len(batches) * section.batch_size * world / max(elapsed, 1e-9):,.0f} samples/s"
+            f"{epoch_samples * world / max(elapsed, 1e-9):,.0f} samples/s"
         )
     wall = time.perf_counter() - started
 
+    engine.average_buffers()  # one set of BatchNorm statistics, from all workers' data
     accuracy = _evaluate(engine, data, rank, world)
     all_weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
     weights = student_only(all_weights)  # without feature-KD projections
@@ -267,7 +274,8 @@ def _run_phase(
             "prune/round": phase.round, "prune/nonzero_params": model_nonzero,
         })
     wandb_rows[global_step] = {**wandb_rows.get(global_step, {}), **phase_metrics}
-    _save(engine, root, phase.name, meta, all_weights, rank, wandb_rows)
+    _save(engine, root, phase.name, meta, {**all_weights, **engine.buffers_fp32()}, rank,
+          wandb_rows)
     if rank == 0:  # committed: now they can go to W&B, and the ledger says so
         for step in sorted(wandb_rows):
             tracker.log(wandb_rows[step], step=step)
@@ -296,44 +304,105 @@ def _weight_clusters(engine: DistillEngine, kinds: dict[str, str]) -> dict[str, 
     return clusters
 
 
-def _step_inputs(
-    data: Dataset, batches: list[np.ndarray], cache: LogitCache | None,
-    client: TeacherPoolClient | None, source, engine: DistillEngine,
-):
-    """(indices, x, y, teacher logits, teacher features) per step, as tensors; run ahead of the
-    steps by a `Prefetcher`. Teacher logits come from the logit cache, or from the pool (requests
-    in flight, carrying only the row indices into `source`, the training inputs put into the
-    object store once), or are None while the teacher itself trains."""
-    if cache is not None:  # cached logits: no teacher in the loop at all
-        teacher = ((cache.logits(idx), None) for idx in batches)
-    elif client is not None:
-        rows = client.stream_rows(source, batches, engine.spec.resources.teacher_request_rows)
-        if engine.teacher_feature_shapes:  # each row: logits, then the features
-            shapes = engine.teacher_feature_shapes
-            teacher = (split_teacher_output(r, data.num_classes, shapes) for r in rows)
-        else:
-            teacher = ((r, None) for r in rows)
+def open_data(spec: JobSpec, req: StageRequest):
+    """The job's data in this worker: an in-memory source loaded again (it is small), or a
+    streamed source's prepared copy, which the worker reads shard by shard."""
+    if req.prepared is not None:
+        from trainers.image_sources import StreamedData
+
+        return StreamedData.open(Path(req.prepared))
+    return load_dataset(spec.data, req.data_dir, spec.seed)
+
+
+def epoch_steps(data, batch_size: int, seed: int, rank: int, world: int) -> int:
+    """Steps each rank takes per epoch (the same on every rank, or a collective would hang)."""
+    if data.streamed:
+        from trainers.image_sources import steps_per_epoch
+
+        return steps_per_epoch(data.train_rows, world, batch_size)
+    return len(epoch_shard(data.train_rows, batch_size, 0, seed, rank, world))
+
+
+def training_batches(data, spec: JobSpec, batch_size: int, epoch_key: int, rank: int,
+                     world: int):
+    """This rank's (sample ids, x (B, C, H, W) float32 numpy, y) batches of one epoch, augmented
+    when the spec says so (the teacher then sees the same augmented batch)."""
+    if data.streamed:
+        raw = data.epoch_batches(batch_size, epoch_key, spec.seed, rank, world,
+                                 spec.data.shuffle_buffer_rows)
+        batches = (data.normalized(b) for b in raw)
     else:
-        teacher = repeat((None, None))
-    for idx, (t_logits, t_features) in zip(batches, teacher):
-        yield (
-            idx, torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]),
-            None if t_logits is None else torch.from_numpy(np.array(t_logits)),
-            None if t_features is None else [torch.from_numpy(np.array(f)) for f in t_features],
-        )
+        batches = ((idx, data.x_train[idx], data.y_train[idx]) for idx in
+                   epoch_shard(data.train_rows, batch_size, epoch_key, spec.seed, rank, world))
+    augment = spec.data.augment
+    if not augment.enabled:
+        yield from batches
+        return
+    from trainers.data import augment_batch
+
+    for ids, x, y in batches:
+        x = augment_batch(torch.from_numpy(np.ascontiguousarray(x)), ids, spec.seed, epoch_key,
+                          augment.random_crop_padding, augment.hflip, data.pad_value)
+        yield ids, x.numpy(), y
+
+
+def _step_inputs(data, batches, cache: LogitCache | None, client: TeacherPoolClient | None,
+                 source, engine: DistillEngine):
+    """(ids, x, y, teacher logits, teacher features) per step, as tensors; run ahead of the
+    steps by a `Prefetcher`. Teacher logits come from the logit cache (by sample id), or from
+    the pool with requests in flight: carrying only row indices into `source` (an in-memory
+    training set put into the object store once) when there is one, else the batch's values;
+    or they are None while the teacher itself trains."""
+    from collections import deque
+
+    if cache is not None:  # cached logits: no teacher in the loop at all
+        for ids, x, y in batches:
+            yield (ids, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
+                   torch.from_numpy(cache.logits(ids)), None)
+        return
+    if client is None:  # the teacher's own training: labels only
+        for ids, x, y in batches:
+            yield ids, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), None, None
+        return
+    waiting: deque = deque()  # batches sent to the pool, oldest first: answers come in order
+
+    def requests(what: int):
+        for batch in batches:
+            waiting.append(batch)
+            yield batch[what]
+
+    if source is not None:
+        answers = client.stream_rows(source, requests(0), engine.spec.resources.teacher_request_rows)
+    else:
+        answers = client.stream(requests(1))
+    shapes = engine.teacher_feature_shapes
+    for answer in answers:
+        ids, x, y = waiting.popleft()
+        if shapes:  # each row: logits, then the features
+            t_logits, t_features = split_teacher_output(answer, data.num_classes, shapes)
+            features = [torch.from_numpy(np.array(f)) for f in t_features]
+        else:
+            t_logits, features = answer, None
+        yield (ids, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
+               torch.from_numpy(np.array(t_logits)), features)
 
 
 @torch.no_grad()
-def _evaluate(engine: DistillEngine, data: Dataset, rank: int, world: int) -> float:
-    """Test accuracy; each rank scores a contiguous slice and the counts are summed."""
-    n = len(data.y_test)
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    correct = 0
-    for i in range(lo, hi, 1024):
-        j = min(hi, i + 1024)
-        pred = engine.predict(torch.from_numpy(data.x_test[i:j])).argmax(-1)
-        correct += int((pred == torch.from_numpy(data.y_test[i:j])).sum())
-    total = torch.tensor([correct, hi - lo], dtype=torch.float64)
+def _evaluate(engine: DistillEngine, data, rank: int, world: int) -> float:
+    """Test accuracy; each rank scores its share of the test set and the counts are summed."""
+    if data.streamed:
+        batches = data.eval_batches(rank, world)
+    else:
+        n = data.test_rows
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        batches = ((data.x_test[i:min(hi, i + 1024)], data.y_test[i:min(hi, i + 1024)])
+                   for i in range(lo, hi, 1024))
+    correct = seen = 0
+    for x, y in batches:
+        pred = engine.predict(torch.from_numpy(np.ascontiguousarray(x))).argmax(-1)
+        correct += int((pred == torch.from_numpy(y)).sum())
+        seen += len(y)
+    total = torch.tensor([correct, seen], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total[0] / total[1])
 
@@ -343,7 +412,8 @@ def _save(
     rows: dict[int, dict],
 ) -> None:
     """Commit one phase's checkpoint and its W&B rows; every rank takes part (DeepSpeed saves on
-    all ranks)."""
+    all ranks). `weights`: the full fp32 state (parameters and buffers) that model.safetensors
+    holds, as a model built from the spec loads it."""
     from safetensors.torch import save_file
 
     if rank == 0:
