@@ -37,18 +37,37 @@ def test_checkpoint_of_another_model_is_rejected():
         load_teacher(spec, b"not a file", SHAPE, 10)
 
 
-@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
-def test_exported_teachers_load_as_programs(fmt):
-    model = _model()
-    x = torch.randn(4, *SHAPE)
+def export_with_dynamic_batch(model, fmt: str) -> bytes:
+    """The program file a user makes as torch's docs show: `torch.export.export` with a dynamic
+    batch dimension and `torch.export.save`, or a traced TorchScript module."""
+    example = torch.randn(4, *SHAPE)
     buffer = io.BytesIO()
     if fmt == "torch_export":
-        torch.export.save(torch.export.export(model, (x,)), buffer)
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}),
+                          buffer)
     else:
-        torch.jit.save(torch.jit.trace(model, x), buffer)
+        torch.jit.save(torch.jit.trace(model, example), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])
+def test_exported_teachers_load_and_serve_every_batch_size(fmt):
+    """The served program answers batches of every size a job sends (1 included), as the model
+    it was exported from does; `TeacherServer` runs a torch.export module without `.eval()`,
+    which torch refuses on it."""
+    model = _model()
     spec = ExportedTeacher(kind="exported", path="t", format=fmt)
-    loaded = load_teacher(spec, buffer.getvalue(), SHAPE, 10)
-    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    loaded = load_teacher(spec, export_with_dynamic_batch(model, fmt), SHAPE, 10)
+    server = TeacherServer(loaded, "fp32")
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 64, 513):
+        x = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        # the same ops on the same inputs; a traced graph may fuse differently: 1e-5 of the
+        # logits' scale (about 1)
+        np.testing.assert_allclose(server.logits(x), expected, atol=1e-5, rtol=0)
     with pytest.raises(TeacherLoadError):
         load_teacher(spec, b"garbage", SHAPE, 10)
 

@@ -120,6 +120,15 @@ def sample_random_bits(ids: np.ndarray, seed: int, epoch_key: int) -> np.ndarray
         return _mix64(np.asarray(ids, dtype=np.uint64) ^ base)
 
 
+def ids_multiset_hash(ids: np.ndarray) -> int:
+    """A hash of a multiset of sample ids that adds up over batches and ranks: the sum of each
+    id's 64-bit mix, mod 2^64. Two epochs' hashes agree when they saw the same ids the same
+    number of times (a different multiset collides with probability about 2^-64)."""
+    mixed = _mix64(np.asarray(ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        return int(mixed.sum(dtype=np.uint64))
+
+
 def augment_batch(x, ids: np.ndarray, seed: int, epoch_key: int, padding: int, hflip: bool,
                   pad_value: list[float]):
     """Random shifts (pad by `padding`, crop back at a random offset) and horizontal flips of a

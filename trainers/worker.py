@@ -33,7 +33,7 @@ from trainers.locks import WORKERS_LOCK, shared_lock
 from trainers.tracking import METRICS_FILE, Tracker, committed_rows, is_logged, mark_logged
 from specs.job import JobSpec
 from trainers import checkpoint
-from trainers.data import Prefetcher, epoch_shard, load_dataset
+from trainers.data import Prefetcher, epoch_shard, ids_multiset_hash, load_dataset
 from trainers.engine import DistillEngine, set_distributed_env
 from trainers.features import (
     KD_PREFIX, build_projections, check_feature_spec, split_teacher_output, student_only,
@@ -205,16 +205,18 @@ def _run_phase(
     temperature = spec.distillation.temperature
     alpha = spec.distillation.alpha
     step_in_phase, skipped, samples, losses = 0, 0, 0, []
+    ledger: list[dict] = []  # per epoch: samples trained on by all ranks and a hash of their ids
     wandb_rows: dict[int, dict] = {}  # W&B rows by step, logged once the phase has committed
     started = time.perf_counter()
     for epoch in range(phase.epochs):
         epoch_start = time.perf_counter()
         epoch_key = phase.index * 1000 + epoch  # distinct per (phase, epoch): order, crops
         batches = training_batches(data, spec, section.batch_size, epoch_key, rank, world)
-        epoch_losses, epoch_samples = [], 0
+        epoch_losses, epoch_samples, ids_hash = [], 0, 0
         with Prefetcher(_step_inputs(data, batches, cache, client, source, engine)) as inputs:
             for idx, x, y, t_logits, t_features in inputs:
                 epoch_samples += len(idx)
+                ids_hash += ids_multiset_hash(idx)
                 lr = cosine_lr(step_in_phase, total_steps, base_lr)
                 engine.set_lr(lr)
                 parts = engine.train_step(x, y, t_logits, temperature, alpha, t_features)
@@ -232,6 +234,7 @@ def _run_phase(
                         "train/samples_per_s": rate, "train/phase": phase.index,
                     }
         losses += epoch_losses
+        ledger.append(_epoch_ledger(epoch, epoch_samples, ids_hash, world))
         elapsed = time.perf_counter() - epoch_start
         _print0(
             f"[{stage}] {phase.name} ({phase.index + 1}/{total_phases}) epoch {epoch + 1}/"
@@ -265,7 +268,7 @@ def _run_phase(
         "skipped_nonfinite_steps": skipped, "samples_per_s": samples / max(wall, 1e-9),
         "wall_seconds": wall, "world_size": world, "precision": spec.precision,
         "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
-        "rank_checks": checks,
+        "rank_checks": checks, "epochs": ledger,
     }
     phase_metrics = {"eval/accuracy": accuracy}
     if stage == "student":
@@ -286,6 +289,16 @@ def _run_phase(
     )
     ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
     return global_step
+
+
+def _epoch_ledger(epoch: int, samples: int, ids_hash: int, world: int) -> dict:
+    """What all ranks trained on in one epoch: the sample count and `ids_multiset_hash` of the
+    ids, summed over ranks. Equal to the hash of the training set's ids (and the count to its
+    size) exactly when every sample was seen once. Collective: every rank calls it."""
+    parts = [None] * world
+    dist.all_gather_object(parts, (samples, ids_hash))
+    return {"epoch": epoch, "samples": sum(n for n, _ in parts),
+            "ids_hash": f"{sum(h for _, h in parts) % (1 << 64):016x}"}
 
 
 def _weight_clusters(engine: DistillEngine, kinds: dict[str, str]) -> dict[str, torch.Tensor]:
