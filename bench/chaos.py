@@ -216,7 +216,8 @@ def fault_f1(args: argparse.Namespace, rng: random.Random) -> dict:
     data = load_dataset(spec.data, args.data_dir, 0)
     torch.manual_seed(0)
     teacher = build_model(spec.teacher.model, data.image_shape, data.num_classes)
-    blob = save(teacher.state_dict())
+    teacher_file = Path(tempfile.mkdtemp(prefix="chaos-f1-")) / "teacher.safetensors"
+    teacher_file.write_bytes(save(teacher.state_dict()))
     torch.set_num_threads(1)  # a replica with 0.5 CPU runs one thread
     reference = TeacherServer(teacher, "fp32")
     batch = 128
@@ -226,7 +227,7 @@ def fault_f1(args: argparse.Namespace, rng: random.Random) -> dict:
            "batches_duplicated": 0, "batches_lost": 0, "batches_wrong": 0, "recovery_s": []}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes)
+        pool = TeacherPool.start(spec, teacher_file, data.image_shape, data.num_classes)
         for _ in range(args.repeats):
             kill_at = rng.randrange(5, len(starts) - 5)
             ledger: dict[int, int] = {}

@@ -72,7 +72,7 @@ def main() -> int:
     })
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
     try:
-        pool = TeacherPool.start(spec, teacher_file.read_bytes(), (1, 28, 28), 10)
+        pool = TeacherPool.start(spec, teacher_file, (1, 28, 28), 10)
         pool.predict(x[: 2 * BATCH], batch_size=BATCH)  # warm-up
         replicas = [psutil.Process(s["pid"]) for s in pool.stats()]
         me = psutil.Process()

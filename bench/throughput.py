@@ -200,7 +200,7 @@ def pool_throughput(args, teacher_file: Path, ds) -> tuple[float, float]:
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
              logging_level="warning")
     try:
-        pool = TeacherPool.start(spec, teacher_file.read_bytes(), ds.image_shape, 10)
+        pool = TeacherPool.start(spec, teacher_file, ds.image_shape, 10)
         pool.predict(ds.x_train[:2048], batch_size=1024)  # warm-up
         start = time.perf_counter()
         source = ray.put(ds.x_train)

@@ -14,6 +14,7 @@ again resumes after the last finished one:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -162,22 +163,24 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
             _say(f"stage 1/4 teacher: training {spec.teacher.model.kind} for "
                  f"{spec.teacher.epochs} epochs on {spec.resources.student_workers} workers")
             _fit(spec, run_path, request("teacher"))
-        blob = (ckpt_root / TEACHER_CHECKPOINT / "model.safetensors").read_bytes()
+        teacher_path = ckpt_root / TEACHER_CHECKPOINT / "model.safetensors"
+        blob = teacher_path.read_bytes()
         teacher_model = load_teacher(spec.teacher, blob, data.image_shape, data.num_classes,
                                      trusted)
     else:
         _say(f"stage 1/4 teacher: loaded from {spec.teacher.path}")
         blob, teacher_model = given_teacher
+        teacher_path = _keep_teacher_file(spec, run_path, blob)
 
     # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
     logit_cache = None
     if spec.logits.mode != "online":
-        logit_cache = _logit_cache(spec, blob, data, run_path, trusted)
+        logit_cache = _logit_cache(spec, teacher_path, blob, data, run_path, trusted)
 
     # 2. teacher pool ----------------------------------------------------------------------
     shared = f" (shared pool {spec.resources.shared_pool})" if spec.resources.shared_pool else ""
     _say(f"stage 2/4 pool: {spec.resources.teacher_replicas} teacher replicas{shared}")
-    pool = TeacherPool.start(spec, blob, data.image_shape, data.num_classes, trusted)
+    pool = TeacherPool.start(spec, teacher_path, data.image_shape, data.num_classes, trusted)
     try:
         if data.streamed:
             teacher_logits = pool.predict_batches(data.test_batches())
@@ -285,7 +288,7 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
         raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)}")
 
 
-def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path,
+def _logit_cache(spec: JobSpec, teacher_path: Path, blob: bytes, data, run_path: Path,
                  trusted: frozenset[str]) -> tuple[str, str]:
     """The (dir, key) of a complete cache for this teacher and data, filled now if missing."""
     from trainers.logit_cache import LogitCache, cache_key, fill_cache
@@ -298,10 +301,34 @@ def _logit_cache(spec: JobSpec, blob: bytes, data, run_path: Path,
         _say(f"logit cache: reusing {root / key}")
     else:
         started = time.perf_counter()
-        folder = fill_cache(spec, blob, data, root, key, trusted)
+        folder = fill_cache(spec, teacher_path, data, root, key, trusted)
         _say(f"logit cache: wrote {folder} ({data.train_rows:,} samples, "
              f"{spec.logits.mode}) in {time.perf_counter() - started:.1f}s")
     return str(root), key
+
+
+TEACHER_COPY = "teacher-file"  # in a run dir: the teacher file a `checkpoint` / `exported` job uses
+
+
+def _keep_teacher_file(spec: JobSpec, run_path: Path, blob: bytes) -> Path:
+    """A copy of the spec's teacher file in the run dir, made by the first run: the teacher
+    replicas load it from there (restarts included, on storage every node sees), and a rerun
+    whose file has changed since is refused rather than resumed with another teacher."""
+    folder = run_path / TEACHER_COPY
+    copy = folder / Path(spec.teacher.path).name
+    digest = hashlib.sha256(blob).hexdigest()
+    if copy.is_file():
+        if hashlib.sha256(copy.read_bytes()).hexdigest() != digest:
+            raise RunDirError(
+                f"`teacher.path` {spec.teacher.path} has changed since the first run of "
+                f"{run_path} (which trained with the copy in {copy}): use another --run-dir, or "
+                "remove that one to start over")
+        return copy
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (".partial-" + copy.name)
+    tmp.write_bytes(blob)
+    tmp.replace(copy)
+    return copy
 
 
 def _lock_run_dir(run_path: Path):

@@ -52,14 +52,16 @@ def write_image_folder(out: Path, limit: int | None = None) -> Path:
     return out
 
 
-def write_parquet(out: Path, arrays: bool = False, files: int = 2, labels_as: str = "int") -> Path:
+def write_parquet(out: Path, arrays: bool = False, files: int = 2, labels_as: str = "int",
+                  train_rows: int | None = None) -> Path:
     """Each split in `files` parquet files; `arrays`: pixels as nested lists, else PNG bytes;
-    `labels_as`: "int" or "str" ("digit-3")."""
+    `labels_as`: "int" or "str" ("digit-3"); `train_rows`: only the first N training images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = digits_split()
+    x_train, y_train = x_train[:train_rows], y_train[:train_rows]
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         for k, part in enumerate(np.array_split(np.arange(len(y)), files)):
             images = ([x[i].tolist() for i in part] if arrays else [png_bytes(x[i]) for i in part])

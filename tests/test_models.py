@@ -82,3 +82,18 @@ def test_sizes_come_from_the_data_never_from_the_user_twice():
             parse_spec({**base, "student": {"model": model}})
         (problem,) = info.value.problems
         assert problem.path == "student.model" and key in problem.message
+
+
+def test_every_example_names_only_existing_model_kinds():
+    """Each example's models build on its data's image shape (the examples' data comes from
+    scripts/digits_files.py; here only the model side is checked, on the shape the spec asks)."""
+    from specs import load_spec
+    from trainers.models import build_model, check_model
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")):
+        spec = load_spec(path)
+        size = spec.data.image_size or ((28, 28) if spec.data.kind == "mnist" else (8, 8))
+        shape = (spec.data.channels or 1, *size)
+        for where, model_spec in spec.model_specs():
+            model = build_model(model_spec, shape, 10, frozenset({"usermodels"}), where)
+            check_model(model, shape, 10, f"{path.name}: {where}")

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save
 
 from specs import parse_spec
+from trainers.data import Dataset
 from trainers.logit_cache import LogitCache, fill_cache
 from trainers.models import MLP
 from trainers.teacher_pool import TeacherPool
@@ -42,8 +43,8 @@ def test_small_object_store_spills_and_changes_nothing(tmp_path):
         "wandb": {"mode": "disabled"},
     })
     x = np.random.default_rng(0).random((SAMPLES, 1, 28, 28), dtype=np.float32)
-    blob = teacher_file.read_bytes()
-    expected = TeacherServer(load_teacher(spec.teacher, blob, (1, 28, 28), 10), "fp32").logits(x)
+    expected = TeacherServer(load_teacher(spec.teacher, teacher_file.read_bytes(), (1, 28, 28), 10),
+                             "fp32").logits(x)
 
     spill_dir = tmp_path / "spill"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
@@ -51,14 +52,16 @@ def test_small_object_store_spills_and_changes_nothing(tmp_path):
              _system_config={"object_spilling_config": json.dumps(
                  {"type": "filesystem", "params": {"directory_path": str(spill_dir)}})})
     try:
-        folder = fill_cache(spec, blob, x, 10, tmp_path / "cache", "k1")
+        y = np.zeros(SAMPLES, np.int64)
+        folder = fill_cache(spec, teacher_file, Dataset(x, y, x[:10], y[:10], num_classes=10),
+                            tmp_path / "cache", "k1")
         from ray._private.internal_api import memory_summary
 
         stats = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
         spilled = re.search(r"Spilled (\d+) MiB, (\d+) objects", stats)
         assert spilled and int(spilled.group(1)) > 0, stats
 
-        pool = TeacherPool.start(spec, blob, (1, 28, 28), 10)
+        pool = TeacherPool.start(spec, teacher_file, (1, 28, 28), 10)
         try:
             through_pool = pool.predict(x[:8192])
         finally:
@@ -67,5 +70,10 @@ def test_small_object_store_spills_and_changes_nothing(tmp_path):
         ray.shutdown()
     cache = LogitCache.open(folder.parent, "k1", 1)
     assert cache.rows == SAMPLES
-    assert np.array_equal(cache.logits(np.arange(SAMPLES)), expected)
-    assert np.array_equal(through_pool, expected[:8192])
+    # Every row is there, in its place, and is what the teacher computes. Not bit for bit: the
+    # cache's rows come from 1024-row forwards in the actors, `expected` from one 50k-row forward
+    # here, and a CPU's GEMM kernels may sum a row's products in another order at another batch
+    # size (they do on some machines). 1e-5 of these logits (of order 1) is far below any
+    # difference a lost, repeated or misplaced row would make.
+    np.testing.assert_allclose(cache.logits(np.arange(SAMPLES)), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(through_pool, expected[:8192], rtol=0, atol=1e-5)

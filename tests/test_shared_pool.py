@@ -30,7 +30,7 @@ JOB = textwrap.dedent("""
         "resources": {"teacher_replicas": 2, "teacher_cpus": 0.5, "shared_pool": "sharedteacher"}})
     ray.init(address=gcs, logging_level="error")
     try:
-        pool = TeacherPool.start(spec, open(teacher_file, "rb").read(), (1, 8, 8), 10)
+        pool = TeacherPool.start(spec, teacher_file, (1, 8, 8), 10)
     except PoolStartError as err:
         print(json.dumps({"error": str(err)})); sys.exit(0)
     logits = pool.predict(np.zeros((64, 1, 8, 8), np.float32), batch_size=16)

@@ -34,6 +34,13 @@ def cluster():
     ray.shutdown()
 
 
+def _teacher_file(folder, model) -> str:
+    """The teacher's weights in a safetensors file, where the replicas load them from."""
+    path = folder / "teacher.safetensors"
+    path.write_bytes(save(model.state_dict()))
+    return str(path)
+
+
 def _stream(client, batches: list[np.ndarray], transport: str):
     """The client's stream of logits for `batches`, sent by value, or as row indices into one
     array put into the object store (what a student worker does), one batch or several per
@@ -48,11 +55,11 @@ def _stream(client, batches: list[np.ndarray], transport: str):
 
 
 @pytest.mark.parametrize("transport", ["values", "rows", "grouped"])
-def test_stream_returns_every_batch_in_order_from_both_replicas(cluster, transport):
+def test_stream_returns_every_batch_in_order_from_both_replicas(cluster, tmp_path, transport):
     torch.manual_seed(0)
     model = MLP(64, [32], 10)
     spec = _spec()
-    pool = TeacherPool.start(spec, save(model.state_dict()), (1, 8, 8), 10)
+    pool = TeacherPool.start(spec, _teacher_file(tmp_path, model), (1, 8, 8), 10)
     try:
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((16 + i, 1, 8, 8)).astype(np.float32) for i in range(24)]
@@ -68,12 +75,12 @@ def test_stream_returns_every_batch_in_order_from_both_replicas(cluster, transpo
         pool.shutdown()
 
 
-def test_pool_that_cannot_be_placed_fails_fast(cluster):
+def test_pool_that_cannot_be_placed_fails_fast(cluster, tmp_path):
     spec = _spec(teacher_cpus=1.5, placement_timeout_s=3)
     torch.manual_seed(0)
     started = time.monotonic()
     with pytest.raises(PoolStartError, match="not up after 3s"):
-        TeacherPool.start(spec, save(MLP(64, [32], 10).state_dict()), (1, 8, 8), 10)
+        TeacherPool.start(spec, _teacher_file(tmp_path, MLP(64, [32], 10)), (1, 8, 8), 10)
     assert time.monotonic() - started < 30
     _assert_all_cpus_back()  # also those of the replica that did start
 
@@ -87,10 +94,10 @@ def _assert_all_cpus_back() -> None:
 
 
 @pytest.mark.parametrize("transport", ["values", "rows", "grouped"])
-def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster, transport):
+def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster, tmp_path, transport):
     torch.manual_seed(0)
     model = MLP(64, [32], 10)
-    pool = TeacherPool.start(_spec(), save(model.state_dict()), (1, 8, 8), 10)
+    pool = TeacherPool.start(_spec(), _teacher_file(tmp_path, model), (1, 8, 8), 10)
     try:
         rng = np.random.default_rng(1)
         batches = [rng.standard_normal((32, 1, 8, 8)).astype(np.float32) for _ in range(40)]
@@ -113,10 +120,10 @@ def test_a_replica_killed_mid_stream_loses_and_repeats_nothing(cluster, transpor
     _assert_all_cpus_back()
 
 
-def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
+def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster, tmp_path):
     torch.manual_seed(0)
     spec = _spec(teacher_replicas=1, teacher_max_restarts=0)
-    pool = TeacherPool.start(spec, save(MLP(64, [32], 10).state_dict()), (1, 8, 8), 10)
+    pool = TeacherPool.start(spec, _teacher_file(tmp_path, MLP(64, [32], 10)), (1, 8, 8), 10)
     try:
         batches = (np.zeros((8, 1, 8, 8), np.float32) for _ in range(10))
         stream = pool.client().stream(batches)
@@ -129,13 +136,13 @@ def test_a_pool_that_keeps_dying_fails_with_a_clear_error(cluster):
     _assert_all_cpus_back()
 
 
-def test_requests_from_several_students_share_forwards(cluster):
+def test_requests_from_several_students_share_forwards(cluster, tmp_path):
     import threading
 
     torch.manual_seed(0)
     model = MLP(64, [32], 10)
     spec = _spec(teacher_replicas=1, teacher_cpus=1.0, teacher_max_wait_ms=20.0)
-    pool = TeacherPool.start(spec, save(model.state_dict()), (1, 8, 8), 10)
+    pool = TeacherPool.start(spec, _teacher_file(tmp_path, model), (1, 8, 8), 10)
     try:
         reference = TeacherServer(model, "fp32")
         rng = np.random.default_rng(2)

@@ -223,9 +223,8 @@ class _TeacherBatches:
     ids and the teacher's logits). Batches are in-memory inputs (`data`, float32, normalized)
     or a streamed source's prepared rows (`image`, uint8, normalized here as workers do)."""
 
-    def __init__(self, spec_json: str, blob_ref, image_shape: tuple, num_classes: int,
+    def __init__(self, spec_json: str, teacher_path: str, image_shape: tuple, num_classes: int,
                  normalization, trusted: tuple[str, ...]):
-        import ray
         import torch
 
         from specs import JobSpec
@@ -235,8 +234,10 @@ class _TeacherBatches:
         self.image_shape = tuple(image_shape)
         self.normalization = normalization
         torch.set_num_threads(max(1, int(self.spec.resources.teacher_cpus)))
-        model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), self.image_shape,
-                             num_classes, frozenset(trusted))
+        with open(teacher_path, "rb") as f:  # read here: no constructor argument in the store
+            blob = f.read()
+        model = load_teacher(self.spec.teacher, blob, self.image_shape, num_classes,
+                             frozenset(trusted))
         self.server = TeacherServer(model, self.spec.teacher_precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -256,10 +257,11 @@ class _TeacherBatches:
         return {"ids": np.asarray(batch["id"], dtype=np.int64), **out}
 
 
-def fill_cache(spec, blob: bytes, data, root: Path, key: str,
+def fill_cache(spec, teacher_path: str | Path, data, root: Path, key: str,
                trusted: frozenset[str] = frozenset()) -> Path:
     """Run the teacher over the whole training set as a Ray Data job with an actor pool of
-    `resources.teacher_replicas` teachers, and write the cache, each row with its sample id.
+    `resources.teacher_replicas` teachers (each loading the teacher file at `teacher_path`), and
+    write the cache, each row with its sample id.
 
     `data` is an in-memory `Dataset` (its arrays go into the object store in blocks) or a
     streamed source's prepared copy (Ray Data reads its shards)."""
@@ -269,7 +271,6 @@ def fill_cache(spec, blob: bytes, data, root: Path, key: str,
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows in the order they are read
     context.enable_progress_bars = False
-    blob_ref = ray.put(blob)
     if data.streamed:
         shards = [str(Path(data.folder) / s["file"]) for s in data.manifest["train"]]
         source = ray.data.read_parquet(shards, columns=["id", "image"],
@@ -290,7 +291,8 @@ def fill_cache(spec, blob: bytes, data, root: Path, key: str,
         source = source.map_batches(rows, batch_size=1, batch_format="numpy", num_cpus=0)
     rows_out = source.map_batches(
         _TeacherBatches,
-        fn_constructor_args=(spec.model_dump_json(), [blob_ref], tuple(data.image_shape),
+        fn_constructor_args=(spec.model_dump_json(), str(Path(teacher_path).resolve()),
+                             tuple(data.image_shape),
                              data.num_classes, data.normalization, tuple(sorted(trusted))),
         batch_size=1024,
         batch_format="numpy",

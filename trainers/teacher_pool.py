@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -44,16 +45,17 @@ class TeacherReplica:
     """One replica: loads the teacher once, then answers `logits` calls, batching concurrent
     requests from all students into one forward (an async actor around `RequestBatcher`)."""
 
-    def __init__(self, spec_json: str, blob_ref: list, image_shape: tuple, num_classes: int,
+    def __init__(self, spec_json: str, teacher_path: str, image_shape: tuple, num_classes: int,
                  trusted: tuple[str, ...] = ()):
-        """`blob_ref`: [ObjectRef of the teacher file's bytes]. Wrapped in a list, the ref is not
-        a constructor argument Ray resolves and pins for restarts: the pool that started the
-        replica holds it for its lifetime, and a restarted replica reads it again here."""
+        """`teacher_path`: the teacher file, on storage every node sees (the run dir). A replica
+        reads it here, and a restarted one reads it again: no constructor argument lives in the
+        object store, where Ray cannot rebuild it for a restart (ray-project/ray#53727)."""
         import torch
 
         from trainers.teacher_server import RequestBatcher, TeacherServer, load_teacher
 
-        blob = ray.get(blob_ref[0])
+        with open(teacher_path, "rb") as f:
+            blob = f.read()
         spec = JobSpec.model_validate_json(spec_json)
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
@@ -196,29 +198,29 @@ class TeacherPool:
     With `resources.shared_pool: NAME` the replicas are named, detached actors in the
     `stillhouse-pools` namespace: the first job creates them, later jobs with the same teacher
     (same file bytes and precision) join them, and a job that ends leaves them running for the
-    others. `stop_shared_pool(NAME)` (`stillhouse pool stop NAME`) removes them. A detached
-    replica that dies after the job that created it has ended cannot be restarted (Ray no longer
-    holds its constructor's teacher object); the pool's clients fail over to the others.
+    others. `stop_shared_pool(NAME)` (`stillhouse pool stop NAME`) removes them. A replica that
+    dies is restarted from the teacher file (up to `teacher_max_restarts`), so the file must stay
+    where it was (in the run dir of the job that made the pool); meanwhile the pool's clients
+    fail over to the other replicas.
     """
 
     def __init__(
-        self, replicas: list, spec: JobSpec, blob_ref=None, shared: bool = False,
-        num_classes: int | None = None,
+        self, replicas: list, spec: JobSpec, shared: bool = False, num_classes: int | None = None,
     ):
         self.replicas = replicas
         self.num_classes = num_classes
         self.spec = spec
         self.shared = shared
-        # Held for the pool's lifetime: a restarted replica reads its constructor arguments
-        # again, and Ray frees an object once its last reference goes.
-        self.blob_ref = blob_ref
 
     @classmethod
     def start(
-        cls, spec: JobSpec, blob: bytes, image_shape: tuple, num_classes: int,
+        cls, spec: JobSpec, teacher_path: str | Path, image_shape: tuple, num_classes: int,
         trusted: frozenset[str] = frozenset(),
     ) -> "TeacherPool":
-        blob_ref = ray.put(blob)  # once; every replica (and every restart) reads the same object
+        """Start the replicas, each loading the teacher file at `teacher_path` (a path every
+        node can read: the run dir on a cluster's shared storage)."""
+        teacher_path = str(Path(teacher_path).resolve())
+        blob = Path(teacher_path).read_bytes()
         name = spec.resources.shared_pool
         replica_cls = ray.remote(TeacherReplica)
         base = replica_options(spec)
@@ -229,9 +231,9 @@ class TeacherPool:
                 "lifetime": "detached", "get_if_exists": True,
             }
             replicas.append(replica_cls.options(**options).remote(
-                spec.model_dump_json(), [blob_ref], tuple(image_shape), num_classes,
+                spec.model_dump_json(), teacher_path, tuple(image_shape), num_classes,
                 tuple(sorted(trusted))))
-        pool = cls(replicas, spec, blob_ref, shared=bool(name), num_classes=num_classes)
+        pool = cls(replicas, spec, shared=bool(name), num_classes=num_classes)
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
             [r.stats.remote() for r in replicas], num_returns=len(replicas), timeout=timeout
@@ -287,7 +289,6 @@ class TeacherPool:
             for r in self.replicas:
                 ray.kill(r, no_restart=True)
         self.replicas = []
-        self.blob_ref = None
 
 
 def stop_shared_pool(name: str) -> int:
