@@ -306,10 +306,33 @@ class ExportSpec(Strict):
 
 
 class DeepSpeedSpec(Strict):
-    zero_stage: int = Field(1, ge=0, le=2, description="ZeRO stage 0, 1 or 2")
+    zero_stage: int = Field(
+        1, ge=0, le=3, description="ZeRO stage: 0 none, 1 partitions the optimizer state across "
+        "workers, 2 also the gradients, 3 also the parameters (pruning thresholds are then "
+        "computed from the shards, never from a gathered model)",
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="stages 1-3: `cpu` keeps the optimizer state and the fp32 master "
+        "weights in host memory (DeepSpeed ZeRO-Offload), for students whose optimizer state "
+        "does not fit on the GPU",
+    )
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="stage 3: parameters with fewer elements stay whole on every "
+        "worker between steps (DeepSpeed's `stage3_param_persistence_threshold`); 0 partitions "
+        "every parameter",
+    )
     max_nonfinite_steps: int = Field(
         10, ge=0, description="steps with a NaN/inf loss skipped before the job fails"
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedSpec":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"`offload_optimizer` {self.offload_optimizer} needs ZeRO: set `zero_stage` 1, 2 "
+                "or 3"
+            )
+        return self
 
 
 class ResourcesSpec(Strict):
@@ -318,6 +341,15 @@ class ResourcesSpec(Strict):
     teacher_max_restarts: int = Field(3, ge=0, description="restarts of a dead replica")
     student_workers: int = Field(2, ge=1)
     student_cpus: float = Field(0.5, gt=0.0, description="CPUs per student worker")
+    student_gpus: int = Field(
+        0, ge=0, le=1, description="GPUs per student worker: 0 trains on CPU (gloo), 1 on its "
+        "own GPU (NCCL, DeepSpeed's CUDA accelerator); the teacher-training stage uses the same "
+        "workers",
+    )
+    teacher_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPUs per teacher replica, a fraction to share one: "
+        "0.25 puts four replicas on a GPU; 0 runs the teacher on CPU",
+    )
     worker_max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts")
     prefetch_batches: int = Field(
         4, ge=1, le=64, description="teacher requests each worker keeps in flight"
@@ -355,6 +387,19 @@ class ResourcesSpec(Strict):
     @property
     def student_total_cpus(self) -> float:
         return self.student_workers * self.student_cpus
+
+    @property
+    def teacher_total_gpus(self) -> int:
+        """Whole GPUs the replicas fill: a replica never spans two GPUs, so 3 replicas of 0.4
+        need 2 (two share one, the third has another to itself)."""
+        if self.teacher_gpus == 0:
+            return 0
+        per_gpu = int(1.0 / self.teacher_gpus + 1e-9)
+        return -(-self.teacher_replicas // per_gpu)
+
+    @property
+    def student_total_gpus(self) -> int:
+        return self.student_workers * self.student_gpus
 
 
 class WandbSpec(Strict):
@@ -444,12 +489,14 @@ class JobSpec(Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     logits: LogitsSpec = Field(default_factory=LogitsSpec)
-    precision: Literal["fp32", "bf16", "bf16_autocast"] = Field(
+    precision: Literal["fp32", "bf16", "bf16_autocast", "fp16"] = Field(
         "fp32",
         description="fp32; bf16: DeepSpeed bf16 (bf16 weights, an fp32 master copy in the "
         "optimizer); bf16_autocast: fp32 weights and optimizer, forward matmuls in bf16 under "
-        "torch.autocast (DeepSpeed's torch_autocast), fewer copies per step. The teacher "
-        "answers in bf16 under either bf16 mode",
+        "torch.autocast (DeepSpeed's torch_autocast), fewer copies per step; fp16 (GPU workers "
+        "only): fp16 weights, an fp32 master copy and DeepSpeed's dynamic loss scaling, whose "
+        "overflow steps are skipped and counted. The teacher answers in bf16 under any of the "
+        "mixed modes",
     )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -491,6 +538,18 @@ class JobSpec(Strict):
                     "`distillation.features` needs the teacher pool every step: set "
                     "`logits.mode: online` (the logit cache holds logits only)"
                 )
+        if self.precision == "fp16" and self.resources.student_gpus == 0:
+            raise ValueError(
+                "`precision` fp16 needs GPU workers: set `resources.student_gpus: 1`, or use "
+                "`precision` bf16 or bf16_autocast on CPU (DeepSpeed's fp16 loss scaling is a "
+                "GPU path; CPUs have no fast fp16 matmul)"
+            )
+        if self.precision == "fp16" and self.deepspeed.zero_stage == 0:
+            raise ValueError(
+                "`precision` fp16 needs `deepspeed.zero_stage` 1, 2 or 3: DeepSpeed 0.19's "
+                "engine does not scale the loss for its stage-0 fp16 optimizers, which still "
+                "divide the gradients by the loss scale"
+            )
         if isinstance(self.data, DigitsData):
             for section, spec in (("teacher", self.teacher), ("student", self.student)):
                 model = getattr(spec, "model", None)

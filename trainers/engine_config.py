@@ -25,12 +25,27 @@ def deepspeed_config(
             "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
         },
         "bf16": {"enabled": spec.precision == "bf16"},
+        # loss_scale 0: dynamic loss scaling; a step whose scaled gradients overflow is skipped
+        # and the scale halved (after `hysteresis` overflows), then raised again every
+        # `loss_scale_window` good steps
+        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0},
         "torch_autocast": {"enabled": spec.precision == "bf16_autocast", "dtype": "bfloat16"},
-        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
+        "zero_optimization": zero_config(spec),
         "gradient_clipping": grad_clip,
         "steps_per_print": 1 << 30,  # progress is ours to print
         "wall_clock_breakdown": False,
     }
+
+
+def zero_config(spec: JobSpec) -> dict:
+    """DeepSpeed's `zero_optimization` section."""
+    ds = spec.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+    return zero
 
 
 def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
