@@ -43,12 +43,12 @@ def run_job(
     Without `address` the job starts an embedded local Ray cluster; with one (`auto` inside a
     submitted job) it connects to that cluster.
     """
-    from cluster.local import check_cpus, job_cluster
+    from cluster.local import check_machine, job_cluster
     from trainers.data import load_dataset
 
     # everything that can be checked without Ray is checked before Ray starts or a file is written
     if address is None:
-        check_cpus(spec, os.cpu_count() or 1, "this machine")
+        check_machine(spec)  # its CPUs and GPUs
     data = load_dataset(spec.data, data_dir, spec.seed)
     if spec.distillation.features:  # module names exist, shapes can match
         from trainers.features import check_feature_spec

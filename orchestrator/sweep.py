@@ -15,7 +15,6 @@ stopping, and running points in order is what lets them share the teacher.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from specs import JobSpec
@@ -40,10 +39,10 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     points = expand_sweep(spec)
     if address is None:  # one embedded cluster for every point, not one per point (~6 s each)
-        from cluster.local import CURRENT, check_cpus, embedded_cluster
+        from cluster.local import CURRENT, check_machine, embedded_cluster
 
         for _, point_spec in points:  # every point fits, before anything starts
-            check_cpus(point_spec, os.cpu_count() or 1, "this machine")
+            check_machine(point_spec)
         with embedded_cluster(max((p for _, p in points), key=lambda p: p.total_cpus)):
             rows = _run_points(spec, points, root, data_dir, CURRENT)
     else:

@@ -341,10 +341,11 @@ class ResourcesSpec(Strict):
     teacher_max_restarts: int = Field(3, ge=0, description="restarts of a dead replica")
     student_workers: int = Field(2, ge=1)
     student_cpus: float = Field(0.5, gt=0.0, description="CPUs per student worker")
-    student_gpus: int = Field(
-        0, ge=0, le=1, description="GPUs per student worker: 0 trains on CPU (gloo), 1 on its "
-        "own GPU (NCCL, DeepSpeed's CUDA accelerator); the teacher-training stage uses the same "
-        "workers",
+    student_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPUs per student worker: 0 trains on CPU (gloo), 1 on "
+        "its own GPU (NCCL, DeepSpeed's CUDA accelerator); a fraction lets a single worker share "
+        "its GPU with teacher replicas (one-GPU machines). The teacher-training stage uses the "
+        "same workers",
     )
     teacher_gpus: float = Field(
         0.0, ge=0.0, le=1.0, description="GPUs per teacher replica, a fraction to share one: "
@@ -388,18 +389,45 @@ class ResourcesSpec(Strict):
     def student_total_cpus(self) -> float:
         return self.student_workers * self.student_cpus
 
+    @model_validator(mode="after")
+    def _shared_gpu_has_one_worker(self) -> "ResourcesSpec":
+        if 0 < self.student_gpus < 1 and self.student_workers > 1:
+            raise ValueError(
+                f"`student_gpus` {self.student_gpus:g} shares a GPU, which only one worker may "
+                f"do (NCCL needs a GPU per rank): set `student_workers: 1` (given "
+                f"{self.student_workers}) or `student_gpus: 1`"
+            )
+        return self
+
+    @staticmethod
+    def gpus_filled(shares: list[float]) -> int:
+        """Whole GPUs that actors asking for these GPU shares fill: none spans two GPUs, so
+        they are packed first fit, largest first (3 replicas of 0.4 need 2 GPUs)."""
+        free: list[float] = []  # what is left on each GPU filled so far
+        for share in sorted((s for s in shares if s > 0), reverse=True):
+            for i, room in enumerate(free):
+                if share <= room + 1e-9:
+                    free[i] = room - share
+                    break
+            else:
+                free.append(1.0 - share)
+        return len(free)
+
+    @property
+    def teacher_gpu_shares(self) -> list[float]:
+        return [self.teacher_gpus] * self.teacher_replicas
+
+    @property
+    def student_gpu_shares(self) -> list[float]:
+        return [self.student_gpus] * self.student_workers
+
     @property
     def teacher_total_gpus(self) -> int:
-        """Whole GPUs the replicas fill: a replica never spans two GPUs, so 3 replicas of 0.4
-        need 2 (two share one, the third has another to itself)."""
-        if self.teacher_gpus == 0:
-            return 0
-        per_gpu = int(1.0 / self.teacher_gpus + 1e-9)
-        return -(-self.teacher_replicas // per_gpu)
+        return self.gpus_filled(self.teacher_gpu_shares)
 
     @property
     def student_total_gpus(self) -> int:
-        return self.student_workers * self.student_gpus
+        return self.gpus_filled(self.student_gpu_shares)
 
 
 class WandbSpec(Strict):

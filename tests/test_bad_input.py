@@ -62,6 +62,9 @@ HAND_WRITTEN: dict[str, tuple[str | dict, str]] = {
 RUN_TIME = {
     # valid specs that cannot run here: still exit 2 before Ray starts
     "more workers than CPUs": (_with("resources.student_workers", 64), "asks for"),
+    # 2 workers x 1 GPU + 2 replicas x 1 GPU: more GPUs than this (or the GPU test) machine has
+    "more GPUs than here": (_with("resources", {**_valid()["resources"], "student_gpus": 1,
+                                                "teacher_gpus": 1.0}), "asks for 4 GPUs"),
     "missing teacher file": (_with("teacher", {"kind": "checkpoint", "path": "/nonexistent.safetensors",
                                                 "model": {"kind": "mlp", "hidden": [8]}}),
                              "no such file"),

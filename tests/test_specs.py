@@ -88,6 +88,8 @@ def test_gpu_and_zero_cross_field_errors_name_fields():
     assert "`offload_optimizer` cpu" in problems["deepspeed"].message
     problems = _problems({**BASE, "resources": {"student_gpus": 2, "teacher_gpus": 1.5}})
     assert set(problems) == {"resources.student_gpus", "resources.teacher_gpus"}
+    problems = _problems({**BASE, "resources": {"student_gpus": 0.5, "student_workers": 2}})
+    assert "`student_workers: 1`" in problems["resources"].message
     spec = parse_spec({**BASE, "precision": "fp16", "resources": {"student_gpus": 1},
                        "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu"}})
     assert spec.teacher_precision == "bf16"  # the teacher answers in bf16 for fp16 students

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _engine(persistence: int, precision: str):
+def _engine(persistence: int, precision: str, gpus: int = 0):
     from specs import parse_spec
     from trainers.engine import DistillEngine
     from trainers.models import MLP
@@ -27,6 +27,7 @@ def _engine(persistence: int, precision: str):
         "student": {"model": {"kind": "mlp", "hidden": [33, 17]}},  # odd sizes: padded slices
         "precision": precision,
         "deepspeed": {"zero_stage": 3, "param_persistence_threshold": persistence},
+        "resources": {"student_gpus": gpus},
     })
     torch.manual_seed(0)  # the same initial weights on both ranks
     return DistillEngine(MLP(64, [33, 17], 10), spec, lr=0.05, micro_batch=8,
@@ -47,28 +48,33 @@ def _steps(engine, rank: int, n: int, seed: int) -> list:
 CONFIGS = [(0, "bf16"), (100_000, "fp32")]  # (param_persistence_threshold, precision)
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str, gpus: int = 0) -> None:
+    """One rank: gloo on the CPU, or (gpus=1, tests/test_gpu.py) NCCL on GPU `rank`."""
     from trainers.engine import set_distributed_env
 
     # DeepSpeed's collectives call torch's deprecated names on every step
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    set_distributed_env(rank, rank, 2, 2)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    device = None
+    if gpus:
+        torch.cuda.set_device(rank)  # as Ray Train does for its workers
+        device = torch.device("cuda", rank)
+    set_distributed_env(rank, rank, 2, 2, device)
+    dist.init_process_group("nccl" if gpus else "gloo", rank=rank, world_size=2)
     try:  # both configurations in one pair of processes: most of the time is start-up
         for persistence, precision in CONFIGS:
             result = _check(rank, Path(out_dir) / f"{persistence}-{precision}", persistence,
-                            precision)
+                            precision, gpus)
             Path(out_dir, f"{persistence}-{precision}-rank{rank}.json").write_text(
                 json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def _check(rank: int, folder: Path, persistence: int, precision: str) -> dict:
+def _check(rank: int, folder: Path, persistence: int, precision: str, gpus: int) -> dict:
     from trainers.pruning import GlobalMagnitudePruner, mask_digest
 
-    engine = _engine(persistence, precision)
+    engine = _engine(persistence, precision, gpus)
     names = list(engine.prunable)
     _steps(engine, rank, 3, seed=1)
     # between steps (DeepSpeed decides persistence on the first forward)
@@ -104,7 +110,7 @@ def _check(rank: int, folder: Path, persistence: int, precision: str) -> dict:
     # DeepSpeed's checkpoint (each rank's partitions) plus the masks: an exact resume
     engine.save_deepspeed(str(folder), tag="t")
     saved = engine.full_fp32_weights()
-    fresh = _engine(persistence, precision)
+    fresh = _engine(persistence, precision, gpus)
     fresh.load_deepspeed(str(folder), tag="t")
     fresh.set_masks({n: m.cpu() for n, m in engine.masks.items()})
     loaded = fresh.full_fp32_weights()
@@ -124,8 +130,12 @@ def test_two_rank_zero3_prunes_from_shards_and_resumes_exactly(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    check_results(tmp_path)
+
+
+def check_results(out_dir: Path) -> None:
     for persistence, precision in CONFIGS:
-        ranks = [json.loads((tmp_path / f"{persistence}-{precision}-rank{r}.json").read_text())
+        ranks = [json.loads((out_dir / f"{persistence}-{precision}-rank{r}.json").read_text())
                  for r in range(2)]
         _check_ranks(ranks, persistence)
 

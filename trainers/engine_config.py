@@ -44,19 +44,27 @@ def zero_config(spec: JobSpec) -> dict:
     if ds.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
     if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+        # pinned host memory makes the GPU<->host copies of the offloaded state asynchronous;
+        # on CPU workers there is no such copy
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer,
+                                     "pin_memory": bool(spec.resources.student_gpus)}
     return zero
 
 
 def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
-    """(ScalingConfig, RunConfig, TorchConfig) for one stage's worker group."""
+    """(ScalingConfig, RunConfig, TorchConfig) for one stage's worker group: on GPUs each
+    worker gets one and the group talks NCCL, otherwise gloo."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from trainers.device import collective_backend
+
+    gpus = spec.resources.student_gpus
+    resources = {"CPU": spec.resources.student_cpus, **({"GPU": gpus} if gpus else {})}
     scaling = ScalingConfig(
         num_workers=spec.resources.student_workers,
-        use_gpu=False,
-        resources_per_worker={"CPU": spec.resources.student_cpus},
+        use_gpu=gpus > 0,
+        resources_per_worker=resources,
         label_selector=dict(spec.resources.student_labels) or None,
     )
     run = RunConfig(
@@ -64,7 +72,7 @@ def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
         storage_path=str((run_dir / "ray_train").resolve()),
         failure_config=FailureConfig(max_failures=spec.resources.worker_max_failures),
     )
-    return scaling, run, TorchConfig(backend="gloo")
+    return scaling, run, TorchConfig(backend=collective_backend(gpus > 0))
 
 
 def replica_options(spec: JobSpec) -> dict:
@@ -75,6 +83,8 @@ def replica_options(spec: JobSpec) -> dict:
         # no retries on the same replica: the client sends a failed request to another one
         "max_task_retries": 0,
     }
+    if spec.resources.teacher_gpus:  # Ray shows the replica only its GPU (CUDA_VISIBLE_DEVICES)
+        options["num_gpus"] = spec.resources.teacher_gpus
     if spec.resources.teacher_labels:
         options["label_selector"] = dict(spec.resources.teacher_labels)
     return options

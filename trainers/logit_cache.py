@@ -210,12 +210,14 @@ class _TeacherBatches:
         import torch
 
         from specs import JobSpec
+        from trainers.device import teacher_device
         from trainers.teacher_server import TeacherServer, load_teacher
 
         self.spec = JobSpec.model_validate_json(spec_json)
         torch.set_num_threads(max(1, int(self.spec.resources.teacher_cpus)))
         model = load_teacher(self.spec.teacher, ray.get(blob_ref[0]), tuple(image_shape), num_classes)
-        self.server = TeacherServer(model, self.spec.teacher_precision)
+        self.server = TeacherServer(model, self.spec.teacher_precision,
+                                    device=teacher_device(self.spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         logits = self.server.logits(batch["data"])
@@ -244,6 +246,7 @@ def fill_cache(spec, blob: bytes, x_train: np.ndarray, num_classes: int, root: P
         batch_format="numpy",
         concurrency=spec.resources.teacher_replicas,
         num_cpus=spec.resources.teacher_cpus,
+        **({"num_gpus": spec.resources.teacher_gpus} if spec.resources.teacher_gpus else {}),
     )
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
         "mode": spec.logits.mode, "classes": num_classes, "top_k": spec.logits.top_k,

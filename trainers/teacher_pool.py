@@ -47,13 +47,15 @@ class TeacherReplica:
     def __init__(self, spec_json: str, blob: bytes, image_shape: tuple, num_classes: int):
         import torch
 
+        from trainers.device import teacher_device
         from trainers.teacher_server import RequestBatcher, TeacherServer, load_teacher
 
         spec = JobSpec.model_validate_json(spec_json)
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes)
-        self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec))
+        self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec),
+                                    device=teacher_device(spec))
         self.fingerprint = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
                                       spec.resources.teacher_max_wait_ms / 1000.0)
@@ -85,7 +87,8 @@ class TeacherReplica:
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "served": self.served, "forwards": self.batcher.calls,
-                "requests": self.batcher.requests, "fingerprint": self.fingerprint}
+                "requests": self.batcher.requests, "fingerprint": self.fingerprint,
+                "device": str(self.server.device)}
 
 
 class PoolError(RuntimeError):
