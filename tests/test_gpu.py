@@ -29,6 +29,34 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _digits_spec(name: str, **overrides) -> dict:
+    """The digits job of tests/test_job_ray.py (not imported: it needs wandb, which a GPU
+    machine's image may lack)."""
+    spec = {
+        "name": name, "seed": 0, "data": {"kind": "digits"},
+        "teacher": {"kind": "train", "model": {"kind": "mlp", "hidden": [128, 128]}},
+        "student": {"model": {"kind": "mlp", "hidden": [32, 16]}, "epochs": 12, "lr": 0.005,
+                    "batch_size": 32},
+        "distillation": {"kind": "hinton", "temperature": 4.0, "alpha": 0.7},
+        "pruning": {"target_sparsity": 0.75, "rounds": 3, "finetune_epochs": 2,
+                    "schedule": {"kind": "geometric"}},
+        "wandb": {"mode": "disabled"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def _run(tmp_path: Path, spec: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`stillhouse run` on the spec, in its own process; run dir `tmp_path/run`."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(tmp_path / "spec.yaml"),
+         "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+        timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def nccl_group():
     """A one-rank NCCL group on GPU 0, as Ray Train sets up for a one-worker group."""
@@ -179,17 +207,12 @@ def test_teacher_answers_from_the_gpu_as_on_the_cpu():
 
 
 def test_more_gpus_than_this_machine_has_exits_2_before_ray_starts(tmp_path):
-    from test_job_ray import digits_spec
-
     count = torch.cuda.device_count()
-    raw = digits_spec(1, group="g", name="too-many-gpus")
-    raw["resources"].update(student_workers=1, student_gpus=1, teacher_replicas=count,
-                            teacher_gpus=1.0)
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    raw = _digits_spec("too-many-gpus", resources={
+        "student_workers": 1, "student_gpus": 1, "teacher_replicas": count, "teacher_gpus": 1.0,
+        "student_cpus": 0.5, "teacher_cpus": 0.5})
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run",
-                             str(tmp_path / "spec.yaml"), "--run-dir", str(tmp_path / "run")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = _run(tmp_path, raw, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"asks for {count + 1} GPUs" in result.stderr
     assert f"this machine has {count}" in result.stderr
@@ -202,16 +225,14 @@ def test_gpu_job_end_to_end(tmp_path, digits_teacher):
     partitioned) and two teacher replicas of a quarter GPU each, through `stillhouse run`."""
     from safetensors.numpy import load_file
 
-    from test_job_ray import digits_spec, run_cli, write_spec
-
-    spec = digits_spec(3, group="gpu", name="digits-gpu", teacher=digits_teacher,
-                       precision="fp16", wandb={"mode": "disabled"},
-                       deepspeed={"zero_stage": 3, "param_persistence_threshold": 0})
-    spec["resources"].update(student_workers=1, student_gpus=0.5, teacher_replicas=2,
-                             teacher_gpus=0.25)
+    spec = _digits_spec(
+        "digits-gpu", teacher=digits_teacher, precision="fp16",
+        deepspeed={"zero_stage": 3, "param_persistence_threshold": 0},
+        resources={"student_workers": 1, "student_gpus": 0.5, "student_cpus": 1.0,
+                   "teacher_replicas": 2, "teacher_gpus": 0.25, "teacher_cpus": 1.0})
     spec["student"]["epochs"] = 4
     run_dir = tmp_path / "run"
-    result = run_cli(["run", str(write_spec(tmp_path, spec)), "--run-dir", str(run_dir)])
+    result = _run(tmp_path, spec)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metas = [json.loads((f / "COMPLETE.json").read_text())["meta"]
              for f in sorted((run_dir / "checkpoints").glob("student-*"))]

@@ -43,6 +43,9 @@ from trainers.kd_loss import kd_loss
 from trainers.pruning import GlobalMagnitudePruner, prunable_parameters, sharded_magnitude_masks
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # module dtype; others keep fp32
+# torch 2.13 renamed all_gather_into_tensor (a deprecation warning on every call); older torch
+# (the GPU machines' images) has only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -298,7 +301,7 @@ class DistillEngine:
             mine[:length] = piece
             world = dist.get_world_size(group=p.ds_process_group)
             full = torch.empty(padded * world, dtype=torch.uint8, device=self.device)
-            dist.all_gather_single(full, mine, group=p.ds_process_group)
+            _all_gather_single(full, mine, group=p.ds_process_group)
             masks[name] = full[: p.ds_numel].view(p.ds_shape).bool()
         self.set_masks(masks)
         return threshold
