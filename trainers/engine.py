@@ -317,16 +317,19 @@ class DistillEngine:
         self.enforce_masks()
 
     def _mask_as(self, name: str, dtype: torch.dtype, start: int = 0, numel: int | None = None,
-                 shape: torch.Size | None = None) -> torch.Tensor:
+                 shape: torch.Size | None = None, device: torch.device | None = None,
+                 ) -> torch.Tensor:
         """Mask `name` (or the flat slice of it that a master fragment covers) as 0/1 values of
-        `dtype`: converted once per round, not on every step."""
-        key = (name, dtype, start, numel)
+        `dtype` on `device` (the engine's, or the host's for a master copy that ZeRO-Offload
+        keeps there): converted once per round, not on every step."""
+        device = device or self.device
+        key = (name, dtype, start, numel, str(device))
         cached = self._mask_cache.get(key)
         if cached is None:
             mask = self.masks[name]
             if numel is not None:
                 mask = mask.flatten()[start : start + numel].view(shape)
-            cached = self._mask_cache[key] = mask.to(dtype)
+            cached = self._mask_cache[key] = mask.to(device, dtype)
         return cached
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
@@ -354,7 +357,7 @@ class DistillEngine:
             frag = self._master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
-                hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape))
+                hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape, hp.device))
 
     def _enforce_partition_masks(self) -> None:
         """ZeRO 3: mask this rank's slices: the module's (`ds_tensor`, and `data` where the
@@ -385,7 +388,7 @@ class DistillEngine:
             frag = self._master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
-                pruned = ~mask.flatten()[start : start + numel]
+                pruned = ~mask.flatten()[start : start + numel].to(hp.device)
                 hp_count += int(torch.count_nonzero(hp.reshape(-1)[pruned]))
         return lp, hp_count
 
