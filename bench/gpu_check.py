@@ -98,9 +98,9 @@ def run_gpu_tests(junit: Path) -> dict:
 # ------------------------------------------------------------------------------ throughput
 
 
-def load_images(data_spec, data_dir: str):
-    """(x_train, y_train, x_test, y_test) as torch tensors, 3x32x32 (resized here if the
-    loader did not already), and the image shape."""
+def load_images(data_spec, data_dir: str, rgb32: bool):
+    """(x_train, y_train, x_test, y_test) as torch tensors, with `rgb32` 3x32x32 (resized here
+    if the loader did not already), and the image shape."""
     import torch
     import torch.nn.functional as F
 
@@ -110,7 +110,7 @@ def load_images(data_spec, data_dir: str):
     tensors = []
     for x in (ds.x_train, ds.x_test):
         x = torch.from_numpy(x)
-        if getattr(data_spec, "channels", None) == 3 and x.shape[1:] != (3, 32, 32):
+        if rgb32 and x.shape[1:] != (3, 32, 32):
             # the spec's preprocessing, for a loader that leaves it to later: bilinear resize
             # to 32x32 and the gray channel repeated, (N, 1, 28, 28) -> (N, 3, 32, 32)
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
@@ -298,7 +298,8 @@ def throughput(args, work: Path) -> dict:
         torch.backends.cudnn.benchmark = True
     lay = layouts(args, gpus)
     base = job_spec(args, lay["online"], "online", work / "teacher.safetensors", work, "base")
-    x, y, x_test, y_test, image_shape = load_images(base.data, args.data_dir)
+    rgb32 = args.data.get("channels") == 3 and args.data.get("image_size") == [32, 32]
+    x, y, x_test, y_test, image_shape = load_images(base.data, args.data_dir, rgb32)
     x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
     teacher = train_teacher(base, x, y, image_shape, device, args.teacher_epochs, args.batch)
     teacher_file = work / "teacher.safetensors"

@@ -98,6 +98,7 @@ def _check(rank: int, folder: Path, persistence: int, precision: str, gpus: int)
         _steps(engine, rank, 3, seed=2)
         after = engine.full_fp32_weights(names)
         result["rounds"].append({
+            # exact: the threshold is one weight's magnitude, the same float32 on both sides
             "threshold_equal": got == threshold, "masks_equal": equal,
             "digest": mask_digest(engine.masks), "masked_nonzero": engine.masked_nonzero(),
             "pruned_fp32_nonzero": sum(int(torch.count_nonzero(after[n][~expected[n]]))
@@ -115,6 +116,7 @@ def _check(rank: int, folder: Path, persistence: int, precision: str, gpus: int)
     fresh.set_masks({n: m.cpu() for n, m in engine.masks.items()})
     loaded = fresh.full_fp32_weights()
     result["resume_weights_equal"] = all(torch.equal(loaded[n], saved[n]) for n in saved)
+    # bitwise: the same state and batches through the same kernels
     result["resume_steps_equal"] = _steps(fresh, rank, 2, seed=3) == _steps(engine, rank, 2, seed=3)
     a, b = fresh.full_fp32_weights(), engine.full_fp32_weights()
     result["resume_after_steps_equal"] = all(torch.equal(a[n], b[n]) for n in a)

@@ -74,16 +74,14 @@ def prepare_deepspeed(device: torch.device) -> None:
     """
     name = deepspeed_accelerator_name(device)
     os.environ["DS_ACCELERATOR"] = name
-    import deepspeed.accelerator.real_accelerator as real
+    from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    if real.ds_accelerator is not None and real.ds_accelerator.device_name() != name:
+    if get_accelerator().device_name() != name:  # chosen before this process's decision
         if name == "cuda":
             from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
         else:
             from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
-        real.set_accelerator(Accelerator())
-    from deepspeed.accelerator import get_accelerator
-
+        set_accelerator(Accelerator())
     chosen = get_accelerator().device_name()
     if chosen != name:  # never train on a device other than the one decided
         raise DeviceError(f"DeepSpeed chose its {chosen!r} accelerator for a {device} engine")
