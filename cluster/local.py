@@ -1,6 +1,6 @@
 """The Ray cluster a job runs on: an embedded local one (the default of `stillhouse run`) or an
-existing one (`--address`, as in a submitted job), and the CPU checks that turn an unsatisfiable
-placement (which Ray would wait on forever) into a clear error.
+existing one (`--address`, as in a submitted job), and the CPU and GPU checks that turn an
+unsatisfiable placement (which Ray would wait on forever) into a clear error.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from specs.job import JobSpec
 
 
 class ClusterResourceError(InputError):
-    """The cluster cannot give the job the CPUs its spec asks for."""
+    """The cluster cannot give the job the CPUs or GPUs its spec asks for."""
 
 
 def cpu_demand(spec: JobSpec) -> str:
@@ -32,6 +32,50 @@ def check_cpus(spec: JobSpec, cpus: float, where: str) -> None:
             f"the job asks for {cpu_demand(spec)} but {where} has {cpus:g}; lower "
             "`resources.teacher_replicas`, `resources.student_workers` or their CPUs"
         )
+
+
+def gpu_demand(spec: JobSpec) -> int:
+    """Whole GPUs the job holds at once: those the workers' and the replicas' GPU shares fill
+    together (none spans two GPUs; a shared worker and replicas may fill one); replicas that
+    leave before the workers start (cached logits) need theirs only until then."""
+    r = spec.resources
+    if spec.replicas_beside_workers:
+        return r.gpus_filled(r.teacher_gpu_shares + r.student_gpu_shares)
+    return max(r.teacher_total_gpus, r.student_total_gpus)
+
+
+def check_gpus(spec: JobSpec, gpus: float, where: str) -> None:
+    demand = gpu_demand(spec)
+    if demand > gpus + 1e-9:
+        r = spec.resources
+        together = "+" if spec.replicas_beside_workers else "or, never at once,"
+        raise ClusterResourceError(
+            f"the job asks for {demand} GPUs ({r.teacher_replicas} teacher replicas x "
+            f"{r.teacher_gpus:g} GPU {together} {r.student_workers} student workers x "
+            f"{r.student_gpus:g}) but {where} has {gpus:g}; lower `resources.student_gpus`, "
+            "`resources.teacher_gpus` or the counts"
+        )
+
+
+def machine_gpus(spec: JobSpec) -> int:
+    """CUDA devices this process sees; only counted (torch loaded) when the spec asks for GPUs."""
+    if gpu_demand(spec) == 0:
+        return 0
+    from trainers.device import cuda_device_count
+
+    return cuda_device_count()
+
+
+def check_machine(spec: JobSpec, cpus: int | None = None) -> None:
+    """Before Ray starts: this machine has the CPUs and GPUs the job asks for."""
+    check_cpus(spec, cpus or os.cpu_count() or 1, "this machine")
+    check_gpus(spec, machine_gpus(spec), "this machine")
+
+
+def check_cluster(spec: JobSpec, resources: dict, where: str) -> None:
+    """A running cluster (`ray.cluster_resources()` or `ray.available_resources()`) has them."""
+    check_cpus(spec, resources.get("CPU", 0.0), where)
+    check_gpus(spec, resources.get("GPU", 0.0), where)
 
 
 # Ray Train settings for an embedded (one-machine) cluster; a variable already set wins. Its
@@ -57,7 +101,7 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
     factory), shipped through Ray's runtime environment.
     """
     cpus = num_cpus or os.cpu_count() or 1
-    check_cpus(spec, cpus, "this machine")  # before anything starts
+    check_machine(spec, cpus)  # before anything starts
     import ray
 
     for name, value in EMBEDDED_RAY_TRAIN_ENV.items():
@@ -77,7 +121,8 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,
         )
         try:
-            check_cpus(spec, ray.available_resources().get("CPU", 0.0), "the local Ray cluster")
+            # Ray counts the GPUs it sees itself (CUDA_VISIBLE_DEVICES, NVML)
+            check_cluster(spec, ray.available_resources(), "the local Ray cluster")
             check_placement(spec, ray.nodes())
             yield
         finally:
@@ -87,14 +132,17 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
 
 
 def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
-    """Each role's labelled nodes must have the CPUs that role asks for (Ray would wait forever).
+    """Each role's labelled nodes must have the CPUs and GPUs that role asks for (Ray would wait
+    forever).
 
     `nodes` is `ray.nodes()`: dicts with `Alive`, `Labels` and `Resources`.
     """
     r = spec.resources
-    for role, labels, demand in (
-        ("teacher replicas", r.teacher_labels, r.teacher_replicas * r.teacher_cpus),
-        ("student workers", r.student_labels, r.student_workers * r.student_cpus),
+    for role, labels, demand, gpu_demand_ in (
+        ("teacher replicas", r.teacher_labels, r.teacher_replicas * r.teacher_cpus,
+         r.teacher_total_gpus),
+        ("student workers", r.student_labels, r.student_workers * r.student_cpus,
+         r.student_total_gpus),
     ):
         if not labels:
             continue
@@ -106,6 +154,12 @@ def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
                 f"the {role} need {demand:g} CPUs on nodes labelled {labels}, but "
                 f"{len(matching)} such node(s) have {cpus:g}"
             )
+        gpus = sum(n.get("Resources", {}).get("GPU", 0.0) for n in matching)
+        if gpus + 1e-9 < gpu_demand_:
+            raise ClusterResourceError(
+                f"the {role} need {gpu_demand_} GPUs on nodes labelled {labels}, but "
+                f"{len(matching)} such node(s) have {gpus:g}"
+            )
 
 
 @contextmanager
@@ -115,7 +169,7 @@ def existing_cluster(spec: JobSpec, address: str) -> Iterator[None]:
 
     ray.init(address=address, logging_level="warning", log_to_driver=True)
     try:
-        check_cpus(spec, ray.cluster_resources().get("CPU", 0.0), f"the cluster at {address}")
+        check_cluster(spec, ray.cluster_resources(), f"the cluster at {address}")
         check_placement(spec, ray.nodes())
         yield
     finally:
@@ -133,7 +187,7 @@ def current_cluster(spec: JobSpec) -> Iterator[None]:
 
     if not ray.is_initialized():
         raise RuntimeError("address 'current' needs a Ray cluster this process has started")
-    check_cpus(spec, ray.cluster_resources().get("CPU", 0.0), "the current Ray cluster")
+    check_cluster(spec, ray.cluster_resources(), "the current Ray cluster")
     check_placement(spec, ray.nodes())
     yield
 

@@ -12,7 +12,11 @@ writes four files a user adapts and applies:
 
 Teacher replicas and student workers get their own node groups, labelled with the spec's
 `resources.teacher_labels` / `student_labels` (default `stillhouse-role: teacher|student`), each
-with enough CPUs for its role. Every command runs the same driver as `stillhouse run`.
+with enough CPUs for its role. When the spec asks for GPUs, a role's nodes carry them: one GPU per
+student worker's node, and for the teacher one GPU per node shared by as many replicas as their
+`teacher_gpus` fraction lets (`resources: {GPU: n}` in the launcher config, `nvidia.com/gpu`
+requests and limits and Ray's `num-gpus` in KubeRay). Every command runs the same driver as
+`stillhouse run`.
 """
 
 from __future__ import annotations
@@ -30,15 +34,19 @@ RUN_ROOT = "/data/stillhouse/runs"
 
 
 def role_groups(spec: JobSpec) -> dict[str, dict]:
-    """CPUs per node and node count for each role, from the spec."""
+    """CPUs and GPUs per node and node count for each role, from the spec."""
     r = spec.resources
     groups = {}
-    for role, count, cpus, labels in (
-        ("teacher", r.teacher_replicas, r.teacher_cpus, r.teacher_labels),
-        ("student", r.student_workers, r.student_cpus, r.student_labels),
+    for role, count, cpus, gpus, labels in (
+        ("teacher", r.teacher_replicas, r.teacher_cpus, r.teacher_gpus, r.teacher_labels),
+        ("student", r.student_workers, r.student_cpus, r.student_gpus, r.student_labels),
     ):
-        per_node = max(1, math.ceil(cpus))  # one replica/worker per node
-        groups[role] = {"replicas": count, "cpus": per_node, "demand": count * cpus,
+        per_node, nodes = 1, count  # one replica/worker per node
+        if gpus:  # one GPU per node, shared by the replicas whose fractions fit on it
+            per_node = min(count, int(1.0 / gpus + 1e-9))
+            nodes = -(-count // per_node)
+        groups[role] = {"replicas": nodes, "cpus": max(1, math.ceil(per_node * cpus)),
+                        "gpus": 1 if gpus else 0, "demand": count * cpus,
                         "labels": dict(labels) or DEFAULT_LABELS[role]}
     return groups
 
@@ -66,8 +74,9 @@ def launcher_config(spec: JobSpec, image: str) -> dict:
     node_types = {"head": {"resources": {"CPU": 0}, "node_config": {}, "min_workers": 0,
                            "max_workers": 0}}
     for role, g in groups.items():
+        resources = {"CPU": g["cpus"], **({"GPU": g["gpus"]} if g["gpus"] else {})}
         node_types[role] = {
-            "resources": {"CPU": g["cpus"]}, "labels": g["labels"], "node_config": {},
+            "resources": resources, "labels": g["labels"], "node_config": {},
             "min_workers": g["replicas"], "max_workers": g["replicas"],
         }
     return {
@@ -89,7 +98,11 @@ def launcher_config(spec: JobSpec, image: str) -> dict:
     }
 
 
-def _container(name: str, image: str, cpus: int, extra: dict | None = None) -> dict:
+def _container(name: str, image: str, cpus: int, extra: dict | None = None,
+               gpus: int = 0) -> dict:
+    limits = {"cpu": str(cpus), "memory": f"{2 * max(cpus, 1)}Gi"}
+    if gpus:  # an extended resource: Kubernetes wants its request equal to its limit
+        limits["nvidia.com/gpu"] = str(gpus)
     return {
         "name": name, "image": image,
         "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
@@ -97,8 +110,7 @@ def _container(name: str, image: str, cpus: int, extra: dict | None = None) -> d
                     "name": "stillhouse-ray-token", "key": "auth_token"}}},
                 {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
                     "name": "stillhouse-wandb", "key": "api_key", "optional": True}}}],
-        "resources": {"requests": {"cpu": str(cpus), "memory": f"{2 * max(cpus, 1)}Gi"},
-                      "limits": {"cpu": str(cpus), "memory": f"{2 * max(cpus, 1)}Gi"}},
+        "resources": {"requests": dict(limits), "limits": limits},
         **(extra or {}),
     }
 
@@ -117,8 +129,10 @@ def raycluster_spec(spec: JobSpec, image: str) -> dict:
             {
                 "groupName": role, "replicas": g["replicas"], "minReplicas": g["replicas"],
                 "maxReplicas": g["replicas"],
-                "rayStartParams": {"num-cpus": str(g["cpus"]), "labels": _labels_flag(g["labels"])},
-                "template": {"spec": {"containers": [_container(f"ray-{role}", image, g["cpus"])]}},
+                "rayStartParams": {"num-cpus": str(g["cpus"]), "labels": _labels_flag(g["labels"]),
+                                   **({"num-gpus": str(g["gpus"])} if g["gpus"] else {})},
+                "template": {"spec": {"containers": [
+                    _container(f"ray-{role}", image, g["cpus"], gpus=g["gpus"])]}},
             }
             for role, g in groups.items()
         ],

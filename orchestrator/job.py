@@ -46,14 +46,14 @@ def run_job(
     submitted job) it connects to that cluster. `trusted_modules` are the top-level packages
     whose code `python` models may run (with `STILLHOUSE_TRUSTED_MODULES`).
     """
-    from cluster.local import check_cpus, job_cluster
+    from cluster.local import check_machine, job_cluster
     from orchestrator.preflight import preflight
     from trainers.models import trusted_modules as trusted_from, trusted_package_dirs
 
     # everything that can be checked without Ray is checked before Ray starts or a file is written
     trusted = trusted_from(trusted_modules)
     if address is None:
-        check_cpus(spec, os.cpu_count() or 1, "this machine")
+        check_machine(spec)  # its CPUs and GPUs
     run_path = Path(run_dir or spec.run_dir or f"runs/{spec.name}").resolve()
     data_dir = _data_dir(run_path, data_dir)
     plan = preflight(spec, data_dir, trusted)

@@ -15,7 +15,6 @@ stopping, and running points in order is what lets them share the teacher.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from specs import JobSpec
@@ -41,10 +40,10 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     points = expand_sweep(spec)
     if address is None:  # one embedded cluster for every point, not one per point (~6 s each)
-        from cluster.local import CURRENT, check_cpus, embedded_cluster
+        from cluster.local import CURRENT, check_machine, embedded_cluster
 
         for _, point_spec in points:  # every point fits, before anything starts
-            check_cpus(point_spec, os.cpu_count() or 1, "this machine")
+            check_machine(point_spec)
         from trainers.models import trusted_modules as trusted_from, trusted_package_dirs
 
         trusted = trusted_from(trusted_modules)

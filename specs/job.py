@@ -558,10 +558,33 @@ class ExportSpec(Strict):
 
 
 class DeepSpeedSpec(Strict):
-    zero_stage: int = Field(1, ge=0, le=2, description="ZeRO stage 0, 1 or 2")
+    zero_stage: int = Field(
+        1, ge=0, le=3, description="ZeRO stage: 0 none, 1 partitions the optimizer state across "
+        "workers, 2 also the gradients, 3 also the parameters (pruning thresholds are then "
+        "computed from the shards, never from a gathered model)",
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="stages 1-3: `cpu` keeps the optimizer state and the fp32 master "
+        "weights in host memory (DeepSpeed ZeRO-Offload), for students whose optimizer state "
+        "does not fit on the GPU",
+    )
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="stage 3: parameters with fewer elements stay whole on every "
+        "worker between steps (DeepSpeed's `stage3_param_persistence_threshold`); 0 partitions "
+        "every parameter",
+    )
     max_nonfinite_steps: int = Field(
         10, ge=0, description="steps with a NaN/inf loss skipped before the job fails"
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedSpec":
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"`offload_optimizer` {self.offload_optimizer} needs ZeRO: set `zero_stage` 1, 2 "
+                "or 3"
+            )
+        return self
 
 
 class ResourcesSpec(Strict):
@@ -570,6 +593,16 @@ class ResourcesSpec(Strict):
     teacher_max_restarts: int = Field(3, ge=0, description="restarts of a dead replica")
     student_workers: int = Field(2, ge=1)
     student_cpus: float = Field(0.5, gt=0.0, description="CPUs per student worker")
+    student_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPUs per student worker: 0 trains on CPU (gloo), 1 on "
+        "its own GPU (NCCL, DeepSpeed's CUDA accelerator); a fraction lets a single worker share "
+        "its GPU with teacher replicas (one-GPU machines). The teacher-training stage uses the "
+        "same workers",
+    )
+    teacher_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPUs per teacher replica, a fraction to share one: "
+        "0.25 puts four replicas on a GPU; 0 runs the teacher on CPU",
+    )
     worker_max_failures: int = Field(1, ge=0, description="Ray Train worker-group restarts")
     prefetch_batches: int = Field(
         4, ge=1, le=64, description="teacher requests each worker keeps in flight"
@@ -607,6 +640,46 @@ class ResourcesSpec(Strict):
     @property
     def student_total_cpus(self) -> float:
         return self.student_workers * self.student_cpus
+
+    @model_validator(mode="after")
+    def _shared_gpu_has_one_worker(self) -> "ResourcesSpec":
+        if 0 < self.student_gpus < 1 and self.student_workers > 1:
+            raise ValueError(
+                f"`student_gpus` {self.student_gpus:g} shares a GPU, which only one worker may "
+                f"do (NCCL needs a GPU per rank): set `student_workers: 1` (given "
+                f"{self.student_workers}) or `student_gpus: 1`"
+            )
+        return self
+
+    @staticmethod
+    def gpus_filled(shares: list[float]) -> int:
+        """Whole GPUs that actors asking for these GPU shares fill: none spans two GPUs, so
+        they are packed first fit, largest first (3 replicas of 0.4 need 2 GPUs)."""
+        free: list[float] = []  # what is left on each GPU filled so far
+        for share in sorted((s for s in shares if s > 0), reverse=True):
+            for i, room in enumerate(free):
+                if share <= room + 1e-9:
+                    free[i] = room - share
+                    break
+            else:
+                free.append(1.0 - share)
+        return len(free)
+
+    @property
+    def teacher_gpu_shares(self) -> list[float]:
+        return [self.teacher_gpus] * self.teacher_replicas
+
+    @property
+    def student_gpu_shares(self) -> list[float]:
+        return [self.student_gpus] * self.student_workers
+
+    @property
+    def teacher_total_gpus(self) -> int:
+        return self.gpus_filled(self.teacher_gpu_shares)
+
+    @property
+    def student_total_gpus(self) -> int:
+        return self.gpus_filled(self.student_gpu_shares)
 
 
 class WandbSpec(Strict):
@@ -696,12 +769,14 @@ class JobSpec(Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     logits: LogitsSpec = Field(default_factory=LogitsSpec)
-    precision: Literal["fp32", "bf16", "bf16_autocast"] = Field(
+    precision: Literal["fp32", "bf16", "bf16_autocast", "fp16"] = Field(
         "fp32",
         description="fp32; bf16: DeepSpeed bf16 (bf16 weights, an fp32 master copy in the "
         "optimizer); bf16_autocast: fp32 weights and optimizer, forward matmuls in bf16 under "
-        "torch.autocast (DeepSpeed's torch_autocast), fewer copies per step. The teacher "
-        "answers in bf16 under either bf16 mode",
+        "torch.autocast (DeepSpeed's torch_autocast), fewer copies per step; fp16 (GPU workers "
+        "only): fp16 weights, an fp32 master copy and DeepSpeed's dynamic loss scaling, whose "
+        "overflow steps are skipped and counted. The teacher answers in bf16 under any of the "
+        "mixed modes",
     )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -743,6 +818,18 @@ class JobSpec(Strict):
                     "`distillation.features` needs the teacher pool every step: set "
                     "`logits.mode: online` (the logit cache holds logits only)"
                 )
+        if self.precision == "fp16" and self.resources.student_gpus == 0:
+            raise ValueError(
+                "`precision` fp16 needs GPU workers: set `resources.student_gpus: 1`, or use "
+                "`precision` bf16 or bf16_autocast on CPU (DeepSpeed's fp16 loss scaling is a "
+                "GPU path; CPUs have no fast fp16 matmul)"
+            )
+        if self.precision == "fp16" and self.deepspeed.zero_stage == 0:
+            raise ValueError(
+                "`precision` fp16 needs `deepspeed.zero_stage` 1, 2 or 3: DeepSpeed 0.19's "
+                "engine does not scale the loss for its stage-0 fp16 optimizers, which still "
+                "divide the gradients by the loss scale"
+            )
         if isinstance(self.data, DigitsData) and self.data.image_size is None:
             for section, model in (("teacher", self.teacher_model), ("student", self.student.model)):
                 if isinstance(model, LeNet5Model) and model.padding < 2:
@@ -750,6 +837,12 @@ class JobSpec(Strict):
                         f"`{section}.model` lenet5 on 8x8 `digits` needs `padding: 2` (or "
                         "`data.image_size` of at least [28, 28])"
                     )
+        if self.quantization.method == "kmeans" and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "`quantization.method` kmeans with `deepspeed.zero_stage` 3: weight sharing snaps "
+                "each cluster to its mean over whole weights, which ZeRO 3 keeps in slices on "
+                "every rank; use zero_stage 0-2 for the quantized fine-tuning"
+            )
         if self.data.augment.enabled and self.logits.mode != "online":
             raise ValueError(
                 f"`logits.mode: {self.logits.mode}` with `data.augment`: a cache holds the "

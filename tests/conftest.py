@@ -12,6 +12,21 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ray_head.py
 os.environ.pop("WANDB_API_KEY", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} (built for CUDA "
+                                   f"{torch.version.cuda}) sees none on this machine")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():

@@ -77,6 +77,32 @@ def test_cross_field_errors_name_fields():
     assert "`padding: 2`" in problems[""].message
 
 
+def test_gpu_and_zero_cross_field_errors_name_fields():
+    problems = _problems({**BASE, "precision": "fp16"})
+    assert "`precision` fp16" in problems[""].message
+    assert "`resources.student_gpus: 1`" in problems[""].message
+    problems = _problems({**BASE, "precision": "fp16", "resources": {"student_gpus": 1},
+                          "deepspeed": {"zero_stage": 0}})
+    assert "`deepspeed.zero_stage`" in problems[""].message
+    problems = _problems({**BASE, "deepspeed": {"zero_stage": 0, "offload_optimizer": "cpu"}})
+    assert "`offload_optimizer` cpu" in problems["deepspeed"].message
+    problems = _problems({**BASE, "resources": {"student_gpus": 2, "teacher_gpus": 1.5}})
+    assert set(problems) == {"resources.student_gpus", "resources.teacher_gpus"}
+    problems = _problems({**BASE, "resources": {"student_gpus": 0.5, "student_workers": 2}})
+    assert "`student_workers: 1`" in problems["resources"].message
+    spec = parse_spec({**BASE, "precision": "fp16", "resources": {"student_gpus": 1},
+                       "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu"}})
+    assert spec.teacher_precision == "bf16"  # the teacher answers in bf16 for fp16 students
+
+
+@pytest.mark.parametrize("replicas,gpus,whole", [
+    (4, 0.25, 1), (3, 0.4, 2), (5, 0.25, 2), (2, 1.0, 2), (3, 0.0, 0), (1, 0.3, 1),
+])
+def test_teacher_replicas_fill_whole_gpus(replicas, gpus, whole):
+    spec = parse_spec({**BASE, "resources": {"teacher_replicas": replicas, "teacher_gpus": gpus}})
+    assert spec.resources.teacher_total_gpus == whole
+
+
 def test_specs_are_frozen():
     spec = parse_spec(BASE)
     with pytest.raises(Exception):

@@ -11,23 +11,42 @@ the module parameter is undone by the next step, so the masks are applied to bot
   through `param._hp_mapping`, the mapping DeepSpeed's own `safe_get_full_fp32_param` uses; under
   ZeRO 0 with bf16, DeepSpeed's unfused optimizer keeps whole fp32 copies in `fp32_groups`.
 
-Both are local operations: no collective per step.
+Under ZeRO 3 the module parameters are partitioned too: between steps each rank holds a flat
+slice of every parameter (`param.ds_tensor`, 1/world of it; parameters under
+`deepspeed.param_persistence_threshold` elements also stay whole in `param.data`), and its slice
+of the fp32 master copy, reached through DeepSpeed's `safe_get_local_fp32_param` /
+`safe_set_local_fp32_param`. Each rank masks its own slices with the matching slice of the masks.
+The pruning threshold is then found from those slices alone (`sharded_magnitude_masks`: counts
+are all-reduced, weights never leave their rank) and the mask slices are all-gathered, one byte
+per weight, so that every rank holds the full masks for the gradient hooks.
+
+All of these are local operations: no collective per step.
+
+The device is decided once, here (trainers/device.py): inputs, teacher logits, masks and the loss
+live on `engine.device`, and the tensors of every collective too (NCCL takes CUDA tensors only).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from specs.job import JobSpec
+from trainers.device import deepspeed_accelerator_name, prepare_deepspeed, student_device
 from trainers.engine_config import deepspeed_config
 from trainers.features import FeatureTap, feature_loss
 from trainers.kd_loss import kd_loss
-from trainers.pruning import GlobalMagnitudePruner, prunable_parameters
+from trainers.pruning import GlobalMagnitudePruner, prunable_parameters, sharded_magnitude_masks
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # module dtype; others keep fp32
+# torch 2.13 renamed all_gather_into_tensor (a deprecation warning on every call); older torch
+# (the GPU machines' images) has only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,11 +75,15 @@ class DistillEngine:
         weight_decay: float, grad_clip: float, world_size: int,
         teacher_feature_shapes: list[tuple] | None = None,
         input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+        device: torch.device | None = None,
     ):
         """With feature KD the model carries its projections under `kd_proj` already, and
         `teacher_feature_shapes` are the shapes of the teacher features that arrive per step.
         Channel pruning needs the shape of one input sample and the number of classes: the
-        model's channel groups are traced once, here, from a batch of zeros of that shape."""
+        model's channel groups are traced once, here, from a batch of zeros of that shape.
+        `device` defaults to the spec's decision (`trainers.device.student_device`)."""
+        self.device = device if device is not None else student_device(spec)
+        prepare_deepspeed(self.device)
         import deepspeed  # heavy; imported only inside workers
 
         _no_shared_memory_comm_op()
@@ -77,12 +100,16 @@ class DistillEngine:
                 num_classes, include=list(pruning.selection.include),
                 exclude=list(pruning.selection.exclude),
             )
+        self.zero3 = spec.deepspeed.zero_stage == 3
         config = deepspeed_config(
             spec, micro_batch=micro_batch, world_size=world_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip,
         )
+        # DeepSpeed places the model on its accelerator's device number `device_rank` (LOCAL_RANK
+        # otherwise, which need not be this worker's GPU index)
+        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=config
+            args=args, model=model, model_parameters=model.parameters(), config=config
         )
         self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine)
         self.world_size = world_size
@@ -93,7 +120,7 @@ class DistillEngine:
             self.engine.enable_backward_allreduce = False
         self.module: nn.Module = self.engine.module
         # the module's own dtype; under bf16_autocast it stays fp32 and DeepSpeed's forward casts
-        self.dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+        self.dtype = DTYPES.get(spec.precision, torch.float32)
         if self.channel_groups is not None:  # every tensor a pruned channel touches, BatchNorm too
             from trainers.structured import pruned_parameters
 
@@ -101,9 +128,10 @@ class DistillEngine:
             self.prunable = {n: params[n] for n in pruned_parameters(self.channel_groups)}
         else:
             self.prunable = prunable_parameters(self.module, spec.pruning)
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}  # name -> full bool mask on self.device
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.nonfinite_steps = 0
+        self.overflow_steps = 0  # fp16 steps DeepSpeed's loss scaler skipped
         # run after every optimizer step, once the masks are enforced (e.g. weight sharing's snap
         # to the cluster means); each rank runs the same hooks, so a hook may be collective
         self.after_step: list[Callable[[], None]] = []
@@ -113,6 +141,14 @@ class DistillEngine:
         self.teacher_feature_shapes = list(teacher_feature_shapes or [])
         self.feature_weights = [p.weight for p in pairs]
         self.tap = FeatureTap(self.module, [p.student for p in pairs]) if pairs else None
+
+    def _partition(self, param: torch.Tensor) -> tuple[int, int, int]:
+        """ZeRO 3: (start, length, padded length) of this rank's flat slice of `param`; DeepSpeed
+        gives rank r elements [r * p, (r + 1) * p) of the flattened parameter, p = ceil(numel /
+        world), the last rank's slice padded with zeros past the end."""
+        padded = param.ds_tensor.ds_numel
+        start = dist.get_rank(group=param.ds_process_group) * padded
+        return start, max(0, min(padded, param.ds_numel - start)), padded
 
     def master_fragment(self, param: torch.Tensor):
         """(fp32 master fragment, start, numel) held by this rank, or None if `param` is its own
@@ -149,20 +185,24 @@ class DistillEngine:
         step on every rank (the flag is all-reduced, so all ranks agree and no collective is left
         unmatched), and too many such steps fail the job rather than train on garbage.
         """
-        out = self.engine(x.to(self.dtype))  # (B, C)
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        out = self.engine(x)  # (B, C)
         if teacher_logits is None:
             loss = nn.functional.cross_entropy(out.float(), y)
             parts = {"ce": loss.detach()}
         else:
+            teacher_logits = teacher_logits.to(self.device, non_blocking=True)
             loss, parts = kd_loss(out, teacher_logits, y, temperature, alpha)
         if self.tap is not None:
             student_features = self.tap.take()
             if teacher_features is not None:
+                teacher_features = [t.to(self.device, non_blocking=True) for t in teacher_features]
                 feat, parts["feature"] = feature_loss(
                     student_features, teacher_features, self.module.kd_proj, self.feature_weights
                 )
                 loss = loss + feat
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # (1,) on the device
         if self.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
@@ -175,6 +215,10 @@ class DistillEngine:
             return None
         self.engine.backward(loss)
         self.engine.step()
+        if not self.engine.was_step_applied():  # fp16: the loss scaler found inf/NaN gradients
+            # and skipped the update on every rank (its overflow flag is all-reduced); the scale
+            # is lowered and training goes on, as DeepSpeed intends
+            self.overflow_steps += 1
         self.enforce_masks()
         for hook in self.after_step:
             hook()
@@ -182,9 +226,10 @@ class DistillEngine:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) inputs on any device -> (B, C) float32 logits on the CPU."""
         self.module.eval()
         try:
-            return self.module(x.to(self.dtype)).float()
+            return self.module(x.to(self.device, self.dtype)).float().cpu()
         finally:
             self.module.train()
             if self.tap is not None:
@@ -193,7 +238,9 @@ class DistillEngine:
     # -------------------------------------------------------------------------------- pruning
 
     def full_fp32_weights(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Full fp32 copies of the named parameters (all if None). Collective under ZeRO."""
+        """Full fp32 copies of the named parameters (all if None), on the CPU. Collective under
+        ZeRO (every rank calls it): under ZeRO 3 it gathers whole parameters, which only the
+        per-phase checkpoint and channel pruning ask for."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
@@ -203,7 +250,8 @@ class DistillEngine:
             full = safe_get_full_fp32_param(p)
             if full is None and id(p) in self._unfused_masters:
                 full = self._unfused_masters[id(p)]
-            out[name] = (full if full is not None else p.detach()).float().clone().reshape(p.shape)
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO 3: p is a stub
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone().reshape(shape)
         return out
 
     @torch.no_grad()
@@ -227,14 +275,39 @@ class DistillEngine:
         return {name: (b.float() if b.is_floating_point() else b).detach().clone().cpu()
                 for name, b in self.module.named_buffers()}
 
+    def load_fp32_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set every parameter's module copy and fp32 master copy (or this rank's slices of
+        them) from full fp32 weights, e.g. a checkpoint's model.safetensors. Collective under
+        ZeRO 3."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in self.module.named_parameters():
+            value = weights[name].to(self.device, torch.float32)
+            if self.zero3:
+                safe_set_full_fp32_param(p, value)  # takes this rank's slice of the master copy
+                start, length, _ = self._partition(p)
+                p.ds_tensor[:length].copy_(value.flatten()[start : start + length])
+                if p.data.numel() == p.ds_numel:  # a persistent (whole) parameter
+                    p.data.copy_(value.view(p.ds_shape))
+                continue
+            p.copy_(value.view(p.shape))
+            frag = self.master_fragment(p)
+            if frag is not None:
+                hp, start, numel = frag
+                hp.copy_(value.flatten()[start : start + numel].view(hp.shape))
+        self.enforce_masks()
+
     def prune_to(self, sparsity: float) -> float | None:
         """Recompute global masks at `sparsity` from the fp32 master weights; returns the threshold.
 
         Every rank computes the same masks from the same weights; rank 0's are broadcast anyway so
-        that the masks are identical by construction, not by floating-point luck.
+        that the masks are identical by construction, not by floating-point luck. Under ZeRO 3
+        each rank scores only its own slices (`_prune_shards`).
         """
-        weights = self.full_fp32_weights(list(self.prunable))
         pruning = self.spec.pruning
+        if self.zero3 and pruning.granularity == "weight":
+            return self._prune_shards(sparsity)
+        weights = self.full_fp32_weights(list(self.prunable))
         if pruning.granularity == "channel":
             from trainers.structured import channel_masks
 
@@ -251,14 +324,46 @@ class DistillEngine:
             )
         if dist.is_initialized():
             for name in masks:
-                flat = masks[name].to(torch.uint8)
+                flat = masks[name].to(self.device, torch.uint8)
                 dist.broadcast(flat, src=0)
                 masks[name] = flat.bool()
         self.set_masks(masks)
         return threshold
 
+    def _prune_shards(self, sparsity: float) -> float:
+        """ZeRO 3: global magnitude masks from each rank's slices of the fp32 master weights.
+
+        The threshold comes from all-reduced counts (`sharded_magnitude_masks`); no weight leaves
+        its rank. Each rank then holds the masks of its own slices, and the full masks are
+        all-gathered as bytes, one per weight (the gradient hooks and whole persistent
+        parameters need them).
+        """
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        shards, offsets, previous, offset = [], [], [], 0
+        for name, p in self.prunable.items():
+            start, length, _ = self._partition(p)
+            shards.append(safe_get_local_fp32_param(p)[:length])  # (length,) fp32
+            offsets.append(offset + start)
+            if self.masks:
+                previous.append(self.masks[name].flatten()[start : start + length])
+            offset += p.ds_numel
+        local, threshold = sharded_magnitude_masks(
+            shards, offsets, sparsity, previous or None, device=self.device)
+        masks = {}
+        for (name, p), piece in zip(self.prunable.items(), local):
+            _, length, padded = self._partition(p)
+            mine = torch.zeros(padded, dtype=torch.uint8, device=self.device)
+            mine[:length] = piece
+            world = dist.get_world_size(group=p.ds_process_group)
+            full = torch.empty(padded * world, dtype=torch.uint8, device=self.device)
+            _all_gather_single(full, mine, group=p.ds_process_group)
+            masks[name] = full[: p.ds_numel].view(p.ds_shape).bool()
+        self.set_masks(masks)
+        return threshold
+
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        self.masks = {name: m.bool() for name, m in masks.items()}
+        self.masks = {name: m.to(self.device).bool() for name, m in masks.items()}
         self._mask_cache = {}  # the masks as 0/1 tensors, per dtype and fragment
         if not self._hooks_installed:
             for name, p in self.prunable.items():
@@ -268,34 +373,70 @@ class DistillEngine:
         self.enforce_masks()
 
     def _mask_as(self, name: str, dtype: torch.dtype, start: int = 0, numel: int | None = None,
-                 shape: torch.Size | None = None) -> torch.Tensor:
+                 shape: torch.Size | None = None, device: torch.device | None = None,
+                 ) -> torch.Tensor:
         """Mask `name` (or the flat slice of it that a master fragment covers) as 0/1 values of
-        `dtype`: converted once per round, not on every step."""
-        key = (name, dtype, start, numel)
+        `dtype` on `device` (the engine's, or the host's for a master copy that ZeRO-Offload
+        keeps there): converted once per round, not on every step."""
+        device = device or self.device
+        key = (name, dtype, start, numel, str(device))
         cached = self._mask_cache.get(key)
         if cached is None:
             mask = self.masks[name]
             if numel is not None:
                 mask = mask.flatten()[start : start + numel].view(shape)
-            cached = self._mask_cache[key] = mask.to(dtype)
+            cached = self._mask_cache[key] = mask.to(device, dtype)
         return cached
 
     def _mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         return grad * self._mask_as(name, grad.dtype) if name in self.masks else grad
 
+    def _partition_mask(self, name: str, dtype: torch.dtype, p: torch.Tensor) -> torch.Tensor:
+        """ZeRO 3: this rank's (padded length,) slice of mask `name`, zero over the padding."""
+        key = (name, dtype, "partition")
+        cached = self._mask_cache.get(key)
+        if cached is None:
+            start, length, padded = self._partition(p)
+            cached = torch.zeros(padded, dtype=dtype, device=self.device)
+            cached[:length] = self.masks[name].flatten()[start : start + length].to(dtype)
+            self._mask_cache[key] = cached
+        return cached
+
     @torch.no_grad()
     def enforce_masks(self) -> None:
+        if self.zero3:
+            self._enforce_partition_masks()
+            return
         for name in self.masks:
             p = self.prunable[name]
             p.mul_(self._mask_as(name, p.dtype))
             frag = self.master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
-                hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape))
+                hp.mul_(self._mask_as(name, hp.dtype, start, numel, hp.shape, hp.device))
+
+    def _enforce_partition_masks(self) -> None:
+        """ZeRO 3: mask this rank's slices: the module's (`ds_tensor`, and `data` where the
+        parameter persists whole) and the fp32 master copy's. DeepSpeed's local getter returns
+        the master slice itself, or a copy on the device when the optimizer is offloaded; the
+        setter writes it back either way."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        for name in self.masks:
+            p = self.prunable[name]
+            p.ds_tensor.mul_(self._partition_mask(name, p.ds_tensor.dtype, p))
+            if p.data.numel() == p.ds_numel:  # persistent: whole on every rank
+                p.data.mul_(self._mask_as(name, p.dtype))
+            hp = safe_get_local_fp32_param(p)  # (padded length,) fp32
+            hp.mul_(self._partition_mask(name, hp.dtype, p))
+            safe_set_local_fp32_param(p, hp)
 
     @torch.no_grad()
     def masked_nonzero(self) -> tuple[int, int]:
-        """Nonzero pruned entries in (module params, this rank's fp32 master fragments)."""
+        """Nonzero pruned entries in (module params, this rank's fp32 master fragments); under
+        ZeRO 3 in this rank's slices of both (and in whole persistent parameters)."""
+        if self.zero3:
+            return self._partition_masked_nonzero()
         lp = hp_count = 0
         for name, mask in self.masks.items():
             p = self.prunable[name]
@@ -303,8 +444,23 @@ class DistillEngine:
             frag = self.master_fragment(p)
             if frag is not None:
                 hp, start, numel = frag
-                pruned = ~mask.flatten()[start : start + numel]
+                pruned = ~mask.flatten()[start : start + numel].to(hp.device)
                 hp_count += int(torch.count_nonzero(hp.reshape(-1)[pruned]))
+        return lp, hp_count
+
+    def _partition_masked_nonzero(self) -> tuple[int, int]:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        lp = hp_count = 0
+        for name, mask in self.masks.items():
+            p = self.prunable[name]
+            start, length, _ = self._partition(p)
+            pruned = ~mask.flatten()[start : start + length]
+            lp += int(torch.count_nonzero(p.ds_tensor[:length][pruned]))
+            if p.data.numel() == p.ds_numel:
+                lp += int(torch.count_nonzero(p.data[~mask]))
+            hp = safe_get_local_fp32_param(p)[:length]
+            hp_count += int(torch.count_nonzero(hp[pruned]))
         return lp, hp_count
 
     # ---------------------------------------------------------------------------- checkpoints
@@ -363,17 +519,23 @@ def _no_shared_memory_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def set_distributed_env(rank: int, local_rank: int, world_size: int, local_world_size: int) -> None:
+def set_distributed_env(
+    rank: int, local_rank: int, world_size: int, local_world_size: int,
+    device: torch.device | None = None,
+) -> None:
     """Env vars DeepSpeed reads before it trusts an existing process group.
 
-    Ray Train has already initialised torch.distributed (gloo); without all five of these DeepSpeed
-    falls back to MPI discovery. MASTER_ADDR/PORT are not used to connect again.
+    Ray Train has already initialised torch.distributed (gloo, or NCCL on GPUs); without all five
+    of these DeepSpeed falls back to MPI discovery. MASTER_ADDR/PORT are not used to connect
+    again. On a GPU, LOCAL_RANK is the worker's CUDA device index: ZeRO 3 places its buffers on
+    `cuda:<LOCAL_RANK>`, and Ray Train's local rank need not be the index of the GPU it gave.
     """
     os.environ["RANK"] = str(rank)
-    os.environ["LOCAL_RANK"] = str(local_rank)
+    on_gpu = device is not None and device.type == "cuda"
+    os.environ["LOCAL_RANK"] = str(device.index if on_gpu else local_rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # the engine checks DeepSpeed's choice (trainers/device.py); this decides it before import
+    os.environ["DS_ACCELERATOR"] = deepspeed_accelerator_name(device or torch.device("cpu"))

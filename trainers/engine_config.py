@@ -25,26 +25,49 @@ def deepspeed_config(
             "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
         },
         "bf16": {"enabled": spec.precision == "bf16"},
+        # loss_scale 0: dynamic loss scaling; a step whose scaled gradients overflow is skipped
+        # and the scale halved (after `hysteresis` overflows), then raised again every
+        # `loss_scale_window` good steps
+        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0},
         # bf16 weights: floating buffers (BatchNorm's running statistics) in bf16 too, or a
         # BatchNorm gets bf16 inputs and fp32 statistics and refuses them
         **({"data_types": {"buffer_dtype": "bf16"}} if spec.precision == "bf16" else {}),
         "torch_autocast": {"enabled": spec.precision == "bf16_autocast", "dtype": "bfloat16"},
-        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
+        "zero_optimization": zero_config(spec),
         "gradient_clipping": grad_clip,
         "steps_per_print": 1 << 30,  # progress is ours to print
         "wall_clock_breakdown": False,
     }
 
 
+def zero_config(spec: JobSpec) -> dict:
+    """DeepSpeed's `zero_optimization` section."""
+    ds = spec.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+    if ds.offload_optimizer != "none":
+        # pinned host memory makes the GPU<->host copies of the offloaded state asynchronous;
+        # on CPU workers there is no such copy
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer,
+                                     "pin_memory": bool(spec.resources.student_gpus)}
+    return zero
+
+
 def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
-    """(ScalingConfig, RunConfig, TorchConfig) for one stage's worker group."""
+    """(ScalingConfig, RunConfig, TorchConfig) for one stage's worker group: on GPUs each
+    worker gets one and the group talks NCCL, otherwise gloo."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from trainers.device import collective_backend
+
+    gpus = spec.resources.student_gpus
+    resources = {"CPU": spec.resources.student_cpus, **({"GPU": gpus} if gpus else {})}
     scaling = ScalingConfig(
         num_workers=spec.resources.student_workers,
-        use_gpu=False,
-        resources_per_worker={"CPU": spec.resources.student_cpus},
+        use_gpu=gpus > 0,
+        resources_per_worker=resources,
         label_selector=dict(spec.resources.student_labels) or None,
     )
     run = RunConfig(
@@ -52,7 +75,7 @@ def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
         storage_path=str((run_dir / "ray_train").resolve()),
         failure_config=FailureConfig(max_failures=spec.resources.worker_max_failures),
     )
-    return scaling, run, TorchConfig(backend="gloo")
+    return scaling, run, TorchConfig(backend=collective_backend(gpus > 0))
 
 
 def replica_options(spec: JobSpec) -> dict:
@@ -63,6 +86,8 @@ def replica_options(spec: JobSpec) -> dict:
         # no retries on the same replica: the client sends a failed request to another one
         "max_task_retries": 0,
     }
+    if spec.resources.teacher_gpus:  # Ray shows the replica only its GPU (CUDA_VISIBLE_DEVICES)
+        options["num_gpus"] = spec.resources.teacher_gpus
     if spec.resources.teacher_labels:
         options["label_selector"] = dict(spec.resources.teacher_labels)
     return options

@@ -228,6 +228,7 @@ class _TeacherBatches:
         import torch
 
         from specs import JobSpec
+        from trainers.device import teacher_device
         from trainers.teacher_server import TeacherServer, load_teacher
 
         self.spec = JobSpec.model_validate_json(spec_json)
@@ -238,7 +239,8 @@ class _TeacherBatches:
             blob = f.read()
         model = load_teacher(self.spec.teacher, blob, self.image_shape, num_classes,
                              frozenset(trusted))
-        self.server = TeacherServer(model, self.spec.teacher_precision)
+        self.server = TeacherServer(model, self.spec.teacher_precision,
+                                    device=teacher_device(self.spec))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from trainers.data import normalize
@@ -298,6 +300,7 @@ def fill_cache(spec, teacher_path: str | Path, data, root: Path, key: str,
         batch_format="numpy",
         concurrency=spec.resources.teacher_replicas,
         num_cpus=spec.resources.teacher_cpus,
+        **({"num_gpus": spec.resources.teacher_gpus} if spec.resources.teacher_gpus else {}),
     )
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
         "mode": spec.logits.mode, "classes": data.num_classes, "top_k": spec.logits.top_k,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from collections import deque
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -52,6 +52,7 @@ class TeacherReplica:
         object store, where Ray cannot rebuild it for a restart (ray-project/ray#53727)."""
         import torch
 
+        from trainers.device import teacher_device
         from trainers.teacher_server import RequestBatcher, TeacherServer, load_teacher
 
         with open(teacher_path, "rb") as f:
@@ -60,7 +61,8 @@ class TeacherReplica:
         # one intra-op thread per CPU the replica was given; more would fight the student workers
         torch.set_num_threads(max(1, int(spec.resources.teacher_cpus)))
         model = load_teacher(spec.teacher, blob, tuple(image_shape), num_classes, frozenset(trusted))
-        self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec))
+        self.server = TeacherServer(model, spec.teacher_precision, feature_layers(spec),
+                                    device=teacher_device(spec))
         self.fingerprint = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
                                       spec.resources.teacher_max_wait_ms / 1000.0)
@@ -92,7 +94,8 @@ class TeacherReplica:
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "served": self.served, "forwards": self.batcher.calls,
-                "requests": self.batcher.requests, "fingerprint": self.fingerprint}
+                "requests": self.batcher.requests, "fingerprint": self.fingerprint,
+                "device": str(self.server.device)}
 
 
 class PoolError(RuntimeError):

@@ -86,8 +86,12 @@ class TeacherServer:
     the logits (the wire format of trainers/features.py).
     """
 
-    def __init__(self, model: nn.Module, precision: str, feature_layers: list[str] | None = None):
-        self.model = inference_mode_(model)
+    def __init__(self, model: nn.Module, precision: str, feature_layers: list[str] | None = None,
+                 device: torch.device | None = None):
+        """`device`: where the forward runs (trainers/device.py decides; default CPU). Inputs
+        arrive and logits leave as NumPy arrays on the host, for the object store."""
+        self.device = device if device is not None else torch.device("cpu")
+        self.model = inference_mode_(model.to(self.device))
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.autocast = precision != "fp32"  # bf16 under autocast
@@ -104,13 +108,13 @@ class TeacherServer:
             # arrays from Ray's object store are read-only, zero-copy views; the model only
             # reads its input, so sharing the buffer is safe and saves a copy per batch
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            inputs = torch.from_numpy(np.ascontiguousarray(x))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            inputs = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(inputs)
         if self.tap is not None:
             parts = [out, *(f.flatten(1) for f in self.tap.take())]
             out = torch.cat([t.float() for t in parts], dim=1)
-        return out.float().numpy()
+        return out.float().cpu().numpy()
 
 
 class RequestBatcher:

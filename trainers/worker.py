@@ -34,6 +34,7 @@ from trainers.tracking import METRICS_FILE, Tracker, committed_rows, is_logged, 
 from specs.job import JobSpec
 from trainers import checkpoint
 from trainers.data import Prefetcher, epoch_shard, ids_multiset_hash, load_dataset
+from trainers.device import student_device
 from trainers.engine import DistillEngine, set_distributed_env
 from trainers.features import (
     KD_PREFIX, build_projections, check_feature_spec, split_teacher_output, student_only,
@@ -66,7 +67,8 @@ def train_worker(config: dict) -> None:
     spec = JobSpec.model_validate_json(req.spec_json)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size())
+    device = student_device(spec)  # the one device decision; the engine keeps it
+    set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size(), device)
     torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
 
     student = req.stage == "student"
@@ -87,6 +89,7 @@ def train_worker(config: dict) -> None:
         weight_decay=section.weight_decay, grad_clip=section.grad_clip,
         world_size=world, teacher_feature_shapes=teacher_shapes,
         input_shape=data.image_shape if student else None, num_classes=data.num_classes,
+        device=device,
     )
 
     # held while this worker lives: a new driver for this run dir waits until it has gone
@@ -139,7 +142,7 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
         weights = load_file(str(folder / "model.safetensors"))
         if (folder / "kd_proj.safetensors").exists():
             weights.update(load_file(str(folder / "kd_proj.safetensors")))
-        engine.module.load_state_dict({k: v.to(engine.dtype) for k, v in weights.items()})
+        engine.load_fp32_weights(weights)  # module and master copies (ZeRO 3: each rank's slices)
         _print0(f"[resume] {name} was written by {meta['world_size']} workers, now {world}: "
                 "loading weights only (optimizer state starts fresh)")
     if masks:
@@ -206,6 +209,7 @@ def _run_phase(
     alpha = spec.distillation.alpha
     step_in_phase, skipped, samples, losses = 0, 0, 0, []
     ledger: list[dict] = []  # per epoch: samples trained on by all ranks and a hash of their ids
+    overflows_before = engine.overflow_steps
     wandb_rows: dict[int, dict] = {}  # W&B rows by step, logged once the phase has committed
     started = time.perf_counter()
     for epoch in range(phase.epochs):
@@ -265,7 +269,9 @@ def _run_phase(
         "nonzero_params": model_nonzero, "dense_params": model_total,
         "prunable_nonzero": prunable_nonzero, "prunable_params": prunable_total,
         "layer_sparsity": per_layer, "global_step": global_step, "steps": step_in_phase,
-        "skipped_nonfinite_steps": skipped, "samples_per_s": samples / max(wall, 1e-9),
+        "skipped_nonfinite_steps": skipped,
+        "skipped_overflow_steps": engine.overflow_steps - overflows_before,  # fp16 loss scaling
+        "device": engine.device.type, "samples_per_s": samples / max(wall, 1e-9),
         "wall_seconds": wall, "world_size": world, "precision": spec.precision,
         "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
         "rank_checks": checks, "epochs": ledger,
@@ -415,7 +421,8 @@ def _evaluate(engine: DistillEngine, data, rank: int, world: int) -> float:
         pred = engine.predict(torch.from_numpy(np.ascontiguousarray(x))).argmax(-1)
         correct += int((pred == torch.from_numpy(y)).sum())
         seen += len(y)
-    total = torch.tensor([correct, seen], dtype=torch.float64)
+    # on the backend's device: NCCL reduces CUDA tensors only
+    total = torch.tensor([correct, seen], dtype=torch.float64, device=engine.device)
     dist.all_reduce(total)
     return float(total[0] / total[1])
 
@@ -441,7 +448,8 @@ def _save(
         if len(student) < len(weights):  # feature-KD projections, for a weights-only resume
             save_file({k: v.contiguous() for k, v in weights.items() if k not in student},
                       str(staging / "kd_proj.safetensors"))
-        save_file({k: v.contiguous() for k, v in engine.masks.items()}, str(staging / "masks.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in engine.masks.items()},
+                  str(staging / "masks.safetensors"))
         (staging / METRICS_FILE).write_text(
             "".join(json.dumps({"step": k, "row": rows[k]}) + "\n" for k in sorted(rows)))
         checkpoint.commit(root, name, meta)
