@@ -275,10 +275,11 @@ class DistillEngine:
         return {name: (b.float() if b.is_floating_point() else b).detach().clone().cpu()
                 for name, b in self.module.named_buffers()}
 
+    @torch.no_grad()
     def load_fp32_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set every parameter's module copy and fp32 master copy (or this rank's slices of
-        them) from full fp32 weights, e.g. a checkpoint's model.safetensors. Collective under
-        ZeRO 3."""
+        them) from full fp32 weights, e.g. a checkpoint's model.safetensors, and the buffers it
+        holds. Collective under ZeRO 3."""
         from deepspeed.utils import safe_set_full_fp32_param
 
         for name, p in self.module.named_parameters():
@@ -295,6 +296,9 @@ class DistillEngine:
             if frag is not None:
                 hp, start, numel = frag
                 hp.copy_(value.flatten()[start : start + numel].view(hp.shape))
+        for name, b in self.module.named_buffers():  # BatchNorm statistics, when stored
+            if name in weights:
+                b.copy_(weights[name].to(b.device, b.dtype))
         self.enforce_masks()
 
     def prune_to(self, sparsity: float) -> float | None:
