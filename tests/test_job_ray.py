@@ -170,7 +170,7 @@ def test_digits_job_end_to_end(tmp_path):
     assert [(a.name, a.type) for a in artifacts] == [("digits-test-z1-student", "model")]
     assert {f.path for f in artifacts[0].manifest.contents} == {
         "student.safetensors", "student-masks.safetensors", "student.compressed.safetensors",
-        "report.json"}
+        "student.compressed.pt2", "report.json"}
     plots = [r for r in driver_rows if "report/accuracy_vs_size/_type" in r]  # report plots
     assert len(plots) == 1 and plots[0]["report/accuracy_vs_size/_type"] == "image-file"
     assert plots[0]["report/accuracy_vs_sparsity/_type"] == "image-file"
