@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+from cluster.ray_output import before_ray_init, route_ray_output
 from specs.errors import InputError
 from specs.job import JobSpec
 
@@ -92,13 +94,15 @@ EMBEDDED_RAY_TRAIN_ENV = {
 
 @contextmanager
 def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
-                     py_modules: list[str] | None = None) -> Iterator[None]:
+                     py_modules: list[str] | None = None, log_dir: Path | None = None,
+                     verbose: bool = False) -> Iterator[None]:
     """Start a local Ray cluster for one job and stop it afterwards.
 
     The dashboard (needed by Ray Train's state queries) listens on 127.0.0.1 only. A watcher
     (cluster/reaper.py) stops the processes a killed driver's cluster would leave behind.
     `py_modules`: folders of trusted packages every worker must import (a `python` model's
-    factory), shipped through Ray's runtime environment.
+    factory), shipped through Ray's runtime environment. `log_dir`: where Ray's and the workers'
+    output goes instead of the console (cluster/ray_output.py; the console too with `verbose`).
     """
     cpus = num_cpus or os.cpu_count() or 1
     check_machine(spec, cpus)  # before anything starts
@@ -111,6 +115,8 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
 
     reaper = Reaper()
     try:
+        if log_dir is not None:
+            before_ray_init(log_dir, verbose)
         ray.init(
             address="local",  # always a new cluster, even when RAY_ADDRESS names another one
             num_cpus=cpus,
@@ -120,6 +126,8 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
             logging_level="warning",
             runtime_env={"py_modules": list(py_modules)} if py_modules else None,
         )
+        if log_dir is not None:
+            route_ray_output(log_dir, verbose)
         try:
             # Ray counts the GPUs it sees itself (CUDA_VISIBLE_DEVICES, NVML)
             check_cluster(spec, ray.available_resources(), "the local Ray cluster")
@@ -163,11 +171,16 @@ def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
 
 
 @contextmanager
-def existing_cluster(spec: JobSpec, address: str) -> Iterator[None]:
+def existing_cluster(spec: JobSpec, address: str, log_dir: Path | None = None,
+                     verbose: bool = False) -> Iterator[None]:
     """Connect to a running cluster (`auto` inside a submitted job) and disconnect afterwards."""
     import ray
 
+    if log_dir is not None:
+        before_ray_init(log_dir, verbose)
     ray.init(address=address, logging_level="warning", log_to_driver=True)
+    if log_dir is not None:
+        route_ray_output(log_dir, verbose)
     try:
         check_cluster(spec, ray.cluster_resources(), f"the cluster at {address}")
         check_placement(spec, ray.nodes())
@@ -192,12 +205,13 @@ def current_cluster(spec: JobSpec) -> Iterator[None]:
     yield
 
 
-def job_cluster(spec: JobSpec, address: str | None, py_modules: list[str] | None = None):
+def job_cluster(spec: JobSpec, address: str | None, py_modules: list[str] | None = None,
+                log_dir: Path | None = None, verbose: bool = False):
     """The cluster for one job: the current one (`CURRENT`), an existing one at `address`, or a
     new embedded one. (On an existing cluster, trusted packages come with the submitted job's
     runtime environment: cluster/jobs.py.)"""
     if address == CURRENT:
         return current_cluster(spec)
     if address:
-        return existing_cluster(spec, address)
-    return embedded_cluster(spec, py_modules=py_modules)
+        return existing_cluster(spec, address, log_dir=log_dir, verbose=verbose)
+    return embedded_cluster(spec, py_modules=py_modules, log_dir=log_dir, verbose=verbose)

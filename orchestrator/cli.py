@@ -73,10 +73,11 @@ def _run(args: argparse.Namespace) -> int:
             from orchestrator.sweep import run_sweep
 
             run_sweep(spec, run_dir=args.run_dir or f"runs/{spec.name}-sweep",
-                      data_dir=args.data_dir, address=args.address, trusted_modules=trusted)
+                      data_dir=args.data_dir, address=args.address, trusted_modules=trusted,
+                      verbose=args.verbose)
         else:
             run_job(spec, data_dir=args.data_dir, run_dir=args.run_dir, address=args.address,
-                    trusted_modules=trusted)
+                    trusted_modules=trusted, verbose=args.verbose)
     except InputError as err:
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", help="run on this existing Ray cluster (`auto` inside a Ray "
                        "job) instead of an embedded local one")
         _add_trust(p)
+        p.add_argument("--verbose", action="store_true", help="also show Ray's and the workers' "
+                       "own output (always in <run dir>/logs/)")
         p.set_defaults(func=_run)
 
     p = sub.add_parser("export", help="quantize and write a finished run's compact model file")

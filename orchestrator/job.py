@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,14 @@ class RunDirError(InputError):
 
 def run_job(
     spec: JobSpec, *, data_dir: str | None = None, run_dir: str | None = None,
-    address: str | None = None, trusted_modules: tuple[str, ...] = (),
+    address: str | None = None, trusted_modules: tuple[str, ...] = (), verbose: bool = False,
 ) -> dict:
     """Run (or resume) one job; returns the report.
 
     Without `address` the job starts an embedded local Ray cluster; with one (`auto` inside a
     submitted job) it connects to that cluster. `trusted_modules` are the top-level packages
-    whose code `python` models may run (with `STILLHOUSE_TRUSTED_MODULES`).
+    whose code `python` models may run (with `STILLHOUSE_TRUSTED_MODULES`). Ray's and the
+    workers' own output goes to `<run dir>/logs/` (and also to the console when `verbose`).
     """
     from cluster.local import check_machine, job_cluster
     from orchestrator.preflight import preflight
@@ -65,7 +67,8 @@ def run_job(
     for warning in plan.warnings:
         _say(f"warning: {warning}")
 
-    with job_cluster(spec, address, py_modules=py_modules):
+    with job_cluster(spec, address, py_modules=py_modules, log_dir=run_path / "logs",
+                     verbose=verbose):
         from trainers.tracking import Tracker, git_revision
 
         data = plan.data if plan.data is not None else _prepare(spec, data_dir, run_path, plan)
@@ -272,20 +275,33 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
     from trainers.engine_config import ray_train_configs
     from trainers.worker import train_worker
 
+    import ray
+
+    from orchestrator.console import follow
+    from trainers.progress import ProgressBoard
+
     scaling, run_config, torch_config = ray_train_configs(spec, run_path, request.stage)
+    # the workers' progress, drawn here (their own output goes to the run dir's logs/)
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"request": request},
+        train_loop_config={"request": replace(request, progress=board)},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=torch_config,
     )
+    log = run_path / "logs" / "workers.log"
     try:
-        result = trainer.fit()
+        with follow(board):
+            result = trainer.fit()
     except Exception as err:  # Ray Train V2 raises TrainingFailedError after its retries
-        raise JobError(f"the {request.stage} stage failed: {_first_line(err)}") from err
+        raise JobError(f"the {request.stage} stage failed: {_first_line(err)} (the workers' "
+                       f"output: {log})") from err
+    finally:
+        ray.kill(board)
     if getattr(result, "error", None) is not None:
-        raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)}")
+        raise JobError(f"the {request.stage} stage failed: {_first_line(result.error)} (the "
+                       f"workers' output: {log})")
 
 
 def _logit_cache(spec: JobSpec, teacher_path: Path, blob: bytes, data, run_path: Path,
@@ -379,4 +395,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _say(message: str) -> None:
-    print(f"[stillhouse] {message}", flush=True)
+    from orchestrator.console import say
+
+    say(message)

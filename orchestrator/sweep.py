@@ -32,7 +32,7 @@ def _shares_teacher(spec: JobSpec) -> bool:
 
 def run_sweep(
     spec: JobSpec, *, run_dir: str, data_dir: str | None = None, address: str | None = None,
-    trusted_modules: tuple[str, ...] = (),
+    trusted_modules: tuple[str, ...] = (), verbose: bool = False,
 ) -> dict:
     from trainers.tracking import Tracker
 
@@ -49,7 +49,7 @@ def run_sweep(
         trusted = trusted_from(trusted_modules)
         py_modules = trusted_package_dirs(trusted) if trusted else []
         with embedded_cluster(max((p for _, p in points), key=lambda p: p.total_cpus),
-                              py_modules=py_modules):
+                              py_modules=py_modules, log_dir=root / "logs", verbose=verbose):
             rows = _run_points(spec, points, root, data_dir, CURRENT, trusted_modules)
     else:
         rows = _run_points(spec, points, root, data_dir, address, trusted_modules)

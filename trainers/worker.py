@@ -42,6 +42,7 @@ from trainers.features import (
 from trainers.logit_cache import LogitCache
 from trainers.models import build_model
 from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
+from trainers.progress import Progress
 from trainers.pruning import mask_digest, sparsity_stats
 from trainers.teacher_pool import TeacherPoolClient
 
@@ -60,6 +61,7 @@ class StageRequest:
     logit_cache: tuple[str, str] | None = None  # (cache dir, key): read logits from the cache
     wandb_config: dict | None = None  # job id, spec hash: added to the W&B run config
     wandb_mode: str | None = None  # what the driver's run got (offline after a fallback)
+    progress: object | None = None  # the driver's ProgressBoard actor (trainers/progress.py)
 
 
 def train_worker(config: dict) -> None:
@@ -96,9 +98,10 @@ def train_worker(config: dict) -> None:
     workers_lock = shared_lock(Path(req.run_dir) / WORKERS_LOCK)  # noqa: F841
     root = Path(req.run_dir) / "checkpoints"
     done = checkpoint.complete_checkpoints(root, [p.name for p in phases])
+    progress = Progress(req.progress, rank, req.stage)
     global_step = 0
     if done:
-        global_step = _resume(engine, root, done[-1], world)
+        global_step = _resume(engine, root, done[-1], world, progress)
     todo = phases[len(done) :]
 
     tracker = Tracker(None)
@@ -123,13 +126,13 @@ def train_worker(config: dict) -> None:
         for phase in todo:
             global_step = _run_phase(
                 engine, spec, phase, data, client, cache, source, tracker, root, rank, world,
-                global_step, stage=req.stage, total_phases=len(phases),
+                global_step, stage=req.stage, total_phases=len(phases), progress=progress,
             )
     finally:
         tracker.finish()
 
 
-def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
+def _resume(engine: DistillEngine, root: Path, name: str, world: int, progress: Progress) -> int:
     """Load the last committed checkpoint; returns the global step it was taken at."""
     from safetensors.torch import load_file
 
@@ -143,11 +146,11 @@ def _resume(engine: DistillEngine, root: Path, name: str, world: int) -> int:
         if (folder / "kd_proj.safetensors").exists():
             weights.update(load_file(str(folder / "kd_proj.safetensors")))
         engine.load_fp32_weights(weights)  # module and master copies (ZeRO 3: each rank's slices)
-        _print0(f"[resume] {name} was written by {meta['world_size']} workers, now {world}: "
-                "loading weights only (optimizer state starts fresh)")
+        progress.note(f"[resume] {name} was written by {meta['world_size']} workers, now {world}: "
+                      "loading weights only (optimizer state starts fresh)")
     if masks:
         engine.set_masks(masks)
-    _print0(f"[resume] continuing after checkpoint {name} (step {meta['global_step']})")
+    progress.note(f"[resume] continuing after checkpoint {name} (step {meta['global_step']})")
     return int(meta["global_step"])
 
 
@@ -185,6 +188,7 @@ def _run_phase(
     engine: DistillEngine, spec: JobSpec, phase: Phase, data,
     client: TeacherPoolClient | None, cache: LogitCache | None, source, tracker: Tracker,
     root: Path, rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
+    progress: Progress,
 ) -> int:
     section = spec.student if stage == "student" else spec.teacher
     threshold = None
@@ -231,8 +235,9 @@ def _run_phase(
                     continue
                 samples += len(idx) * world
                 epoch_losses.append(parts["loss"])
+                rate = samples / max(1e-9, time.perf_counter() - started)
+                progress.step(phase, step_in_phase, total_steps, parts["loss"], rate)
                 if global_step % spec.wandb.log_every_steps == 0:
-                    rate = samples / max(1e-9, time.perf_counter() - started)
                     wandb_rows[global_step] = {
                         **{f"train/{k}": v for k, v in parts.items()}, "train/lr": lr,
                         "train/samples_per_s": rate, "train/phase": phase.index,
@@ -240,11 +245,10 @@ def _run_phase(
         losses += epoch_losses
         ledger.append(_epoch_ledger(epoch, epoch_samples, ids_hash, world))
         elapsed = time.perf_counter() - epoch_start
-        _print0(
-            f"[{stage}] {phase.name} ({phase.index + 1}/{total_phases}) epoch {epoch + 1}/"
-            f"{phase.epochs}: loss {np.mean(epoch_losses) if epoch_losses else float('nan'):.4f}, "
-            f"{epoch_samples * world / max(elapsed, 1e-9):,.0f} samples/s"
-        )
+        progress.epoch(phase, total_phases, epoch,
+                       float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+                       epoch_samples * world / max(elapsed, 1e-9),
+                       eta_s=(time.perf_counter() - started) / (epoch + 1) * (phase.epochs - epoch - 1))
     wall = time.perf_counter() - started
 
     engine.average_buffers()  # one set of BatchNorm statistics, from all workers' data
@@ -275,6 +279,7 @@ def _run_phase(
         "wall_seconds": wall, "world_size": world, "precision": spec.precision,
         "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
         "rank_checks": checks, "epochs": ledger,
+        "warnings": _useless_layers(per_layer, phase),
     }
     phase_metrics = {"eval/accuracy": accuracy}
     if stage == "student":
@@ -289,12 +294,21 @@ def _run_phase(
         for step in sorted(wandb_rows):
             tracker.log(wandb_rows[step], step=step)
         mark_logged(root / phase.name, tracker.run_id)
-    _print0(
-        f"[{stage}] {phase.name} done: accuracy {accuracy:.4f}, sparsity {meta['sparsity']:.4f}, "
-        f"{model_nonzero:,}/{model_total:,} nonzero, {wall:.1f}s"
-    )
+    progress.phase_done(phase, accuracy, meta["sparsity"], model_nonzero, model_total, wall,
+                        meta["warnings"])
     ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
     return global_step
+
+
+def _useless_layers(per_layer: dict[str, float], phase: Phase) -> list[str]:
+    """Warnings for layers the round left without a weight: the model then predicts from
+    nothing that passes through them (a constant, for a layer every path crosses)."""
+    empty = [name for name, sparsity in per_layer.items() if sparsity >= 1.0]
+    if not empty or phase.kind == "dense":
+        return []
+    return [f"{phase.name}: {len(empty)} layer(s) have no weight left at target sparsity "
+            f"{phase.target_sparsity:.4f}: {empty[:5]}; lower `pruning.target_sparsity` or "
+            "exclude them in `pruning.layers`"]
 
 
 def _epoch_ledger(epoch: int, samples: int, ids_hash: int, world: int) -> dict:
