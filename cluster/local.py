@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.ray_output import before_ray_init, route_ray_output
-from specs.errors import InputError
+from specs.errors import InputError, JobStopped
 from specs.job import JobSpec
 
 
@@ -80,6 +80,23 @@ def check_cluster(spec: JobSpec, resources: dict, where: str) -> None:
     check_gpus(spec, resources.get("GPU", 0.0), where)
 
 
+def stop_on_sigterm() -> None:
+    """After `ray.init` (which installs its own handler, a bare `sys.exit`): SIGTERM raises
+    `JobStopped` in the main thread, so the driver unwinds at once with a clear message, before
+    the few seconds of grace Ray Jobs gives before SIGKILL could let it write anything more."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it outright
+        raise JobStopped("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 # Ray Train settings for an embedded (one-machine) cluster; a variable already set wins. Its
 # processes inherit them from this one when `ray.init` starts the cluster. A submitted job gets
 # the first one only (cluster/jobs.py): a real cluster's nodes can be drained.
@@ -128,6 +145,7 @@ def embedded_cluster(spec: JobSpec, num_cpus: int | None = None,
         )
         if log_dir is not None:
             route_ray_output(log_dir, verbose)
+        stop_on_sigterm()
         try:
             # Ray counts the GPUs it sees itself (CUDA_VISIBLE_DEVICES, NVML)
             check_cluster(spec, ray.available_resources(), "the local Ray cluster")
@@ -181,6 +199,7 @@ def existing_cluster(spec: JobSpec, address: str, log_dir: Path | None = None,
     ray.init(address=address, logging_level="warning", log_to_driver=True)
     if log_dir is not None:
         route_ray_output(log_dir, verbose)
+    stop_on_sigterm()
     try:
         check_cluster(spec, ray.cluster_resources(), f"the cluster at {address}")
         check_placement(spec, ray.nodes())

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from specs import SpecError, load_spec
-from specs.errors import InputError, JobError
+from specs.errors import InputError, JobError, JobStopped
 from specs.sweep import expand_sweep
 
 EXIT_FAILED = 1
@@ -84,6 +84,10 @@ def _run(args: argparse.Namespace) -> int:
     except JobError as err:
         print(f"stillhouse: job failed: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except JobStopped as stop:
+        print(f"stillhouse: stopped ({stop}); nothing more was committed. Rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("stillhouse: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -128,6 +132,10 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         for point, point_spec in points:
             plan = preflight(point_spec, data_dir, trusted)
+            from trainers.engine_config import ray_train_configs
+
+            for stage in ("teacher", "student"):  # Ray Train's configs, as the job builds them
+                ray_train_configs(point_spec, Path("runs") / point_spec.name, stage)
             if point:
                 print(f"sweep point {point}:")
             print("\n".join(plan.describe()))

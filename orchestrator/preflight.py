@@ -38,6 +38,7 @@ class Preflight:
     teacher_blob: bytes | None = None  # the bytes of a teacher file the spec names
     teacher_model: object | None = None
     phases: list = field(default_factory=list)
+    engines: list = field(default_factory=list)  # DeepSpeed configs: student (and teacher)
     warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> list[str]:
@@ -83,7 +84,28 @@ def preflight(spec: JobSpec, data_dir: str | None, trusted: frozenset[str]) -> P
     from trainers.plan import student_phases
 
     plan.phases = student_phases(spec)
+    _engines_and_export(spec, plan, student, trusted)
     return plan
+
+
+def _engines_and_export(spec: JobSpec, plan: Preflight, student, trusted: frozenset[str]) -> None:
+    """The DeepSpeed configs of both stages and the export's plan: the compact file's
+    architecture must rebuild the student, and its layers must have codec kinds."""
+    from trainers.engine_config import deepspeed_config
+    from trainers.models import architecture, build_from_architecture
+    from trainers.quantize import layer_kinds
+
+    world = spec.resources.student_workers
+    sections = [spec.student] + ([spec.teacher] if spec.teacher.kind == "train" else [])
+    plan.engines = [deepspeed_config(spec, micro_batch=s.batch_size, world_size=world, lr=s.lr,
+                                     weight_decay=s.weight_decay, grad_clip=s.grad_clip)
+                    for s in sections]
+    arch = architecture(spec.student.model, plan.image_shape, plan.num_classes)
+    build_from_architecture(arch, trusted)
+    kinds = layer_kinds(student, spec.quantization.method, spec.quantization.bits)
+    if spec.quantization.method != "none" and not kinds:
+        raise PlanError(f"`quantization.method` {spec.quantization.method}: the student has no "
+                        "Linear or Conv layer to quantize")
 
 
 def _data(spec: JobSpec, data_dir: str | None) -> Preflight:
@@ -161,7 +183,7 @@ def _teacher_file(spec: JobSpec, shape, classes: int, trusted: frozenset[str]):
 
     path = Path(spec.teacher.path)
     if not path.is_file():
-        raise TeacherLoadError(f"`teacher.path`: no such file {path}")
+        raise TeacherLoadError(f"`teacher.path`: no such file {str(path)!r}")
     blob = path.read_bytes()
     model = load_teacher(spec.teacher, blob, shape, classes, trusted)
     if isinstance(spec.teacher, ExportedTeacher):

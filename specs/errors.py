@@ -13,3 +13,9 @@ class InputError(Exception):
 
 class JobError(RuntimeError):
     """The job could not finish; what was committed before the failure stays on disk."""
+
+
+class JobStopped(BaseException):
+    """SIGTERM arrived (`stillhouse stop`, Ray's job stop, a scheduler's kill): the driver
+    unwinds at once and commits nothing more; its workers go with its cluster. A BaseException,
+    so that no `except Exception` on the way catches it."""

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Strict(BaseModel):
     """Base for every spec section: unknown keys are errors, and a loaded spec never changes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity where a number is asked for: nothing in a job means them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -26,8 +27,10 @@ class Strict(BaseModel):
 class Normalization(Strict):
     """Per-channel mean and standard deviation of pixel values in [0, 1]."""
 
-    mean: list[float] = Field(min_length=1, max_length=3)
-    std: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1, max_length=3)
+    mean: list[Annotated[float, Field(ge=-1e3, le=1e3)]] = Field(min_length=1, max_length=3)
+    # pixel values are in [0, 1]: a std below 1e-6 is no image's, and below float32's range
+    # it would divide by zero
+    std: list[Annotated[float, Field(ge=1e-6, le=1e3)]] = Field(min_length=1, max_length=3)
 
     @model_validator(mode="after")
     def _same_length(self) -> "Normalization":
@@ -119,13 +122,16 @@ IDX_FILES = {
 }
 
 
+FILE_NAME = r"^[^/\\\x00-\x1f]+$"  # a file name: no folder separators, no control characters
+
+
 class IdxFiles(Strict):
     """The four IDX files of a set, relative to its `dir` (gzip-compressed or not)."""
 
-    train_images: str = IDX_FILES["train_images"]
-    train_labels: str = IDX_FILES["train_labels"]
-    test_images: str = IDX_FILES["test_images"]
-    test_labels: str = IDX_FILES["test_labels"]
+    train_images: str = Field(IDX_FILES["train_images"], pattern=FILE_NAME)
+    train_labels: str = Field(IDX_FILES["train_labels"], pattern=FILE_NAME)
+    test_images: str = Field(IDX_FILES["test_images"], pattern=FILE_NAME)
+    test_labels: str = Field(IDX_FILES["test_labels"], pattern=FILE_NAME)
 
 
 class IdxData(ImagePreprocessing):
@@ -757,7 +763,15 @@ class SweepSpec(Strict):
 
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="every random choice: splits, initial "
+                      "weights, data order, augmentation (0 <= seed < 2^32)")
+    deterministic: bool = Field(
+        True, description="the same spec and seed give the same figures on the same machine "
+        "(same CPU kind and thread counts): teacher replicas answer each request in its own "
+        "forward instead of batching requests of several workers together, and torch uses its "
+        "deterministic algorithms. Off: slightly faster online distillation, figures that move "
+        "in their last digits from run to run"
+    )
     run_dir: str | None = Field(None, description="`--run-dir` overrides; default runs/<name>")
     data: DataSpec
     teacher: TeacherSpec

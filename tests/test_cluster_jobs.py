@@ -26,8 +26,8 @@ def cli(args, token=TOKEN, timeout=600):
                           env=token_env(token), capture_output=True, text=True, timeout=timeout)
 
 
-def _small_spec(tmp_path: Path, name: str, teacher: dict) -> Path:
-    spec = quick_digits_spec(name, "submitted", teacher=teacher)
+def _small_spec(tmp_path: Path, name: str, teacher: dict, epochs: int = 4) -> Path:
+    spec = quick_digits_spec(name, "submitted", epochs=epochs, teacher=teacher)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -64,23 +64,32 @@ def test_submit_follow_and_find_the_report(head, tmp_path, digits_teacher):
 
 
 def test_stop_a_running_job(head, tmp_path, digits_teacher):
-    spec = _small_spec(tmp_path, "to-stop", digits_teacher)
-    submitted = cli(["submit", str(spec), "--address", head, "--run-dir", str(tmp_path / "run")])
+    """Stopped while its student workers train (replicas and workers hold CPUs then): the
+    driver unwinds at SIGTERM and commits nothing more. The dense phase has 200 epochs, so the
+    job is mid-phase when the stop lands, whatever this machine's speed: the test waits for that
+    state (the first epoch's line), not for a number of seconds."""
+    spec = _small_spec(tmp_path, "to-stop", digits_teacher, epochs=200)
+    run_dir = tmp_path / "run"
+    submitted = cli(["submit", str(spec), "--address", head, "--run-dir", str(run_dir)])
     job_id = submitted.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 180
-    # stopped while its student workers train: replicas and workers hold CPUs then
-    while "[student] student-00-dense" not in cli(["logs", job_id, "--address", head]).stdout:
+    deadline = time.monotonic() + 300
+    while "[student] student-00-dense (1/2) epoch 1/200" not in cli(
+            ["logs", job_id, "--address", head]).stdout:
         assert time.monotonic() < deadline, "the student never started"
         time.sleep(1)
     stopped = cli(["stop", job_id, "--address", head])
     assert stopped.returncode == 0
+    committed = sorted(p.name for p in (run_dir / "checkpoints").glob("*/COMPLETE.json"))
     deadline = time.monotonic() + 120
     while (state := cli(["status", job_id, "--address", head]).stdout.strip()) not in {
             "STOPPED", "FAILED", "SUCCEEDED"}:
         assert time.monotonic() < deadline
         time.sleep(1)
     assert state == "STOPPED"
-    assert not (tmp_path / "run" / "report.json").exists()
+    assert "stillhouse: stopped (SIGTERM); nothing more was committed" in cli(
+        ["logs", job_id, "--address", head]).stdout
+    assert not (run_dir / "report.json").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*/COMPLETE.json")) == committed
     available, total = wait_until_idle(head)
     assert available == total == 2.0  # the stopped job's replicas and workers are gone
 

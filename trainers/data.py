@@ -223,9 +223,28 @@ def pad_value(stats: tuple[list, list] | None, channels: int) -> list[float]:
     return [-m / s for m, s in zip(*stats)]
 
 
+def _fits_in_memory(spec: ImagePreprocessing, rows: int, channels: int, size) -> None:
+    """An in-memory set is held by the driver and by every worker (a copy each): refuse sizes
+    that cannot fit, before allocating them."""
+    import psutil
+
+    c = spec.channels or channels
+    h, w = spec.image_size or size
+    per_copy = rows * c * h * w * 4  # float32
+    available = psutil.virtual_memory().available
+    if per_copy * 3 > available:  # the driver and two workers, at least
+        raise DataError(
+            f"`data.image_size` {[h, w]} makes the in-memory set {per_copy / 2**30:.1f} GiB "
+            f"({rows:,} images x {c} x {h} x {w} float32) per process, and the driver and every "
+            f"worker hold a copy; this machine has {available / 2**30:.1f} GiB free: use a "
+            "smaller `image_size`, or a streamed source (`parquet`, `image_folder`)"
+        )
+
+
 def _finish(spec: ImagePreprocessing, x_train: np.ndarray, y_train: np.ndarray,
             x_test: np.ndarray, y_test: np.ndarray, classes: list[str], source: dict) -> Dataset:
     """Resize, convert and normalize pixels in [0, 1]; check the labels; build the Dataset."""
+    _fits_in_memory(spec, len(x_train) + len(x_test), x_train.shape[1], x_train.shape[2:])
     x_train = resize_and_convert(x_train, spec)
     x_test = resize_and_convert(x_test, spec)
     channels = x_train.shape[1]
@@ -376,8 +395,10 @@ def load_idx(spec: IdxData | MnistData, data_dir: str | None) -> Dataset:
         missing = []
     if missing:
         hint = " (set `data.download: true` to fetch them)" if isinstance(spec, MnistData) else ""
-        raise DataError(f"IDX files missing in {folder}: {', '.join(missing)} "
-                        f"(expected all of: {', '.join(names)}){hint}")
+        where = "`data.dir` (or --data-dir)" if isinstance(spec, MnistData) else \
+            "`data.dir` and `data.files`"
+        raise DataError(f"{where}: IDX files missing in {str(folder)!r}: {missing} (expected "
+                        f"all of: {names}){hint}")
     x_train, y_train, x_test, y_test = (_read_idx_file(folder / n, md5.get(n)) for n in names)
     for images, labels, a, b in ((x_train, y_train, names[0], names[1]),
                                  (x_test, y_test, names[2], names[3])):
@@ -395,7 +416,8 @@ def load_idx(spec: IdxData | MnistData, data_dir: str | None) -> Dataset:
     else:  # labels by their sorted values: 0..9 stay 0..9
         unseen = sorted(set(np.unique(y_test).tolist()) - set(values.tolist()))
         if unseen:
-            raise DataError(f"test labels {unseen[:10]} never occur in the training set")
+            raise DataError(f"`data.files`: test labels {unseen[:10]} never occur in the training "
+                            f"set{' (of the first `data.train_limit` images)' if limit else ''}")
         y_train_i = np.searchsorted(values, y_train).astype(np.int64)
         y_test_i = np.searchsorted(values, y_test).astype(np.int64)
     source = {"source": spec.kind, "dir": str(folder.resolve())}

@@ -65,7 +65,8 @@ class TeacherReplica:
                                     device=teacher_device(spec))
         self.fingerprint = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
         self.batcher = RequestBatcher(self.server.logits, spec.resources.teacher_max_batch,
-                                      spec.resources.teacher_max_wait_ms / 1000.0)
+                                      spec.resources.teacher_max_wait_ms / 1000.0,
+                                      coalesce=not spec.deterministic)
         self.served = 0
         self._sources: dict = {}  # ObjectRef -> the array it holds (a zero-copy view)
 

@@ -126,8 +126,13 @@ class RequestBatcher:
     Ray actor only awaits `submit`.
     """
 
-    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int, max_wait_s: float):
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_rows: int, max_wait_s: float,
+                 coalesce: bool = True):
+        """`coalesce=False`: every request is its own forward, whatever arrives with it. A row's
+        logits then depend only on its request (CPU kernels may sum a row's products in another
+        order in a larger batch), which is what makes a deterministic job repeat itself."""
         self.fn, self.max_rows, self.max_wait_s = fn, max_rows, max_wait_s
+        self.coalesce = coalesce
         self._items: list = []  # (input batch, future)
         self._rows = 0
         self._timer = None
@@ -140,7 +145,7 @@ class RequestBatcher:
         future = loop.create_future()
         self._items.append((x, future))
         self._rows += len(x)
-        if self._rows >= self.max_rows:
+        if self._rows >= self.max_rows or not self.coalesce:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.max_wait_s, self._flush)

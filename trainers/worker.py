@@ -72,6 +72,8 @@ def train_worker(config: dict) -> None:
     device = student_device(spec)  # the one device decision; the engine keeps it
     set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size(), device)
     torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
+    if spec.deterministic:  # CPU kernels are; an op without a deterministic one only warns
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     student = req.stage == "student"
     section = spec.student if student else spec.teacher
