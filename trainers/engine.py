@@ -37,11 +37,12 @@ import torch.distributed as dist
 from torch import nn
 
 from specs.job import JobSpec
+from trainers.compression import prune_masks
 from trainers.device import deepspeed_accelerator_name, prepare_deepspeed, student_device
 from trainers.engine_config import deepspeed_config
 from trainers.features import FeatureTap, feature_loss
 from trainers.kd_loss import kd_loss
-from trainers.pruning import GlobalMagnitudePruner, prunable_parameters, sharded_magnitude_masks
+from trainers.pruning import prunable_parameters, sharded_magnitude_masks
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # module dtype; others keep fp32
 # torch 2.13 renamed all_gather_into_tensor (a deprecation warning on every call); older torch
@@ -312,20 +313,11 @@ class DistillEngine:
         if self.zero3 and pruning.granularity == "weight":
             return self._prune_shards(sparsity)
         weights = self.full_fp32_weights(list(self.prunable))
-        if pruning.granularity == "channel":
-            from trainers.structured import channel_masks
-
-            if self.channel_groups is None:
-                raise RuntimeError("channel pruning needs the engine's `input_shape`")
-            masks, _ = channel_masks(
-                weights, self.channel_groups, sparsity, norm=pruning.norm,
-                scope=pruning.scope, previous=self.masks or None,
-            )
-            threshold = None  # channels, not weights: no single magnitude
-        else:
-            masks, threshold = GlobalMagnitudePruner.compute_masks(
-                weights, sparsity, self.masks or None
-            )
+        if pruning.granularity == "channel" and self.channel_groups is None:
+            raise RuntimeError("channel pruning needs the engine's `input_shape`")
+        # the same function `trainers.compression.prune_` applies to a plain module
+        masks, threshold = prune_masks(weights, pruning, sparsity, self.masks or None,
+                                       self.channel_groups)
         if dist.is_initialized():
             for name in masks:
                 flat = masks[name].to(self.device, torch.uint8)
