@@ -315,8 +315,48 @@ def _cell(column, i: int):
     if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes")
     if isinstance(value, list):
-        return np.asarray(value)
+        return _square(np.asarray(value))
     return value
+
+
+def _cells(column) -> list:
+    """Every image cell of a pyarrow column: bytes, or numpy arrays for (nested) list columns
+    (read from the column's buffers at once, not row by row through Python objects)."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    kind = column.type
+    if pa.types.is_struct(kind):  # Hugging Face datasets' Image feature
+        column = column.field("bytes")
+        kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return column.to_pylist()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        out = []
+        offsets = column.offsets.to_numpy() if not pa.types.is_fixed_size_list(kind) else None
+        values = column.flatten()
+        depth_two = pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type)
+        if depth_two or offsets is None:
+            return [_cell(column, i) for i in range(len(column))]
+        flat = values.to_numpy(zero_copy_only=False)  # flatten() starts at offsets[0]
+        for i in range(len(column)):
+            a, b = offsets[i] - offsets[0], offsets[i + 1] - offsets[0]
+            out.append(_square(flat[a:b]))
+        return out
+    return [_cell(column, i) for i in range(len(column))]
+
+
+def _square(array: np.ndarray) -> np.ndarray:
+    """A flat row of pixels as a square image: n*n grey or n*n*3 RGB values."""
+    if array.ndim != 1:
+        return array
+    side = int(round(len(array) ** 0.5))
+    if side * side == len(array):
+        return array.reshape(side, side)
+    side = int(round((len(array) / 3) ** 0.5))
+    if 3 * side * side == len(array):
+        return array.reshape(side, side, 3)
+    return array  # refused by the decoder, which names the row
 
 
 # ------------------------------------------------------------------------------------- preparing
@@ -359,11 +399,10 @@ class _Decoder:
                 with fs.open_input_file(inner) as f:
                     table = pq.ParquetFile(f).read_row_group(
                         int(group), columns=[self.image_column, self.label_column])
-                image_col, label_col = table.column(0), table.column(1)
-                for i in range(table.num_rows):
+                cells, raw_labels = _cells(table.column(0)), table.column(1).to_pylist()
+                for i, (cell, raw) in enumerate(zip(cells, raw_labels)):
                     where = f"{path} row group {group} row {i}"
-                    images.append(self._image(_cell(image_col, i), where))
-                    raw = label_col[i].as_py()
+                    images.append(self._image(cell, where))
                     labels.append(mapping[str(raw)])
                     ids.append(int(first_id) + i)
         flat = np.stack(images).reshape(len(images), -1) if images else np.zeros((0, 1), np.uint8)
