@@ -54,13 +54,21 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load(path: str):
+    """(spec, its sweep points), or None after printing every problem (exit 2)."""
     try:
-        spec = load_spec(args.spec)
-        points = expand_sweep(spec, args.spec)
+        spec = load_spec(path)
+        return spec, expand_sweep(spec, path)
     except SpecError as err:
         print(err, file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    loaded = _load(args.spec)
+    if loaded is None:
         return EXIT_BAD_INPUT
+    spec, points = loaded
     if spec.sweep is not None and args.command == "run":
         print(f"stillhouse: {args.spec} declares a sweep of {len(points)} points: "
               "use `stillhouse sweep`", file=sys.stderr)
@@ -118,12 +126,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Check a spec against its data and models, as `run` does before anything starts."""
-    try:
-        spec = load_spec(args.spec)
-        points = expand_sweep(spec, args.spec)
-    except SpecError as err:
-        print(err, file=sys.stderr)
+    loaded = _load(args.spec)
+    if loaded is None:
         return EXIT_BAD_INPUT
+    _, points = loaded
     from orchestrator.preflight import preflight
     from trainers.models import trusted_modules
 
@@ -183,12 +189,10 @@ def _cluster_command(fn):
 
 @_cluster_command
 def _submit(args: argparse.Namespace) -> int:
-    try:
-        spec = load_spec(args.spec)
-        expand_sweep(spec, args.spec)
-    except SpecError as err:  # nothing is sent when the spec is invalid
-        print(err, file=sys.stderr)
+    loaded = _load(args.spec)
+    if loaded is None:  # nothing is sent when the spec is invalid
         return EXIT_BAD_INPUT
+    spec, _ = loaded
     from cluster import jobs
 
     from trainers.models import trusted_modules
