@@ -6,7 +6,9 @@ models (teacher MLP 784-1200-1200-10, student 784-300-100-10) and global batch s
   a   plain single-process PyTorch KD loop, teacher forward inline, fp32 and bf16 autocast;
       the faster of the two is the baseline
   a'  the same loop reading precomputed teacher logits (fp32 and bf16; the faster)
-  b   stillhouse, `logits.mode: online` (teacher pool, requests in flight), dense phase only
+  b   stillhouse, `logits.mode: online` (teacher pool, requests in flight), dense phase only;
+      deterministic (the default: one forward per request) and not (requests of all workers
+      batched together), the cost of determinism
   c   stillhouse, `logits.mode: cached` (logits read from the on-disk cache), dense phase only
   pool     teacher pool logits/s over the training set (replicas x CPUs = the cores below)
   inproc   the same teacher's batched forward in this process, same precision and cores
@@ -25,7 +27,8 @@ replicas of half a CPU each online, and every core to the worker when the logits
     .venv/bin/python bench/throughput.py --data-dir ../shared/data --json bench/results/tp.json
     .venv/bin/python bench/throughput.py --samples 10000 --epochs 1          # quick look
 
-JSON keys (`--json FILE`): plain_sps, plain_cached_sps, online_sps, cached_sps, pool_lps,
+JSON keys (`--json FILE`): plain_sps, plain_cached_sps, online_sps, online_batched_sps,
+determinism_cost, cached_sps, pool_lps,
 inprocess_lps, peak_rss_mb, plus ratios, accuracies and the settings used.
 """
 
@@ -150,12 +153,13 @@ def inprocess_forward(ds, teacher, *, bf16, threads, batch=1024) -> float:
     return len(ds.x_train) / (time.perf_counter() - start)
 
 
-def pipeline(args, teacher_file: Path, mode: str, work: Path) -> dict:
+def pipeline(args, teacher_file: Path, mode: str, work: Path, deterministic: bool = True) -> dict:
     """One stillhouse job, dense student only; returns the dense phase's checkpoint meta."""
     from orchestrator.job import run_job
 
+    name = f"{mode}{'' if deterministic else '-batched'}"
     spec = parse_spec({
-        "name": f"throughput-{mode}",
+        "name": f"throughput-{name}", "deterministic": deterministic,
         "data": {"kind": "mnist", "train_limit": args.samples},
         "teacher": {"kind": "checkpoint", "model": {"kind": "mlp", "hidden": [1200, 1200]},
                     "path": str(teacher_file)},
@@ -174,8 +178,8 @@ def pipeline(args, teacher_file: Path, mode: str, work: Path) -> dict:
                       "prefetch_batches": args.prefetch},
         "wandb": {"mode": "disabled"},
     })
-    report = run_job(spec, data_dir=args.data_dir, run_dir=str(work / mode))
-    meta = json.loads((work / mode / "checkpoints" / "student-00-dense" / "COMPLETE.json")
+    report = run_job(spec, data_dir=args.data_dir, run_dir=str(work / name))
+    meta = json.loads((work / name / "checkpoints" / "student-00-dense" / "COMPLETE.json")
                       .read_text())["meta"]
     meta["test_accuracy"] = report["final"]["accuracy"]
     return meta
@@ -254,6 +258,7 @@ def main() -> int:
             if when == "after":
                 pool, pool_with_put = pool_throughput(args, teacher_file, ds)
                 online = pipeline(args, teacher_file, "online", work)
+                online_batched = pipeline(args, teacher_file, "online", work, deterministic=False)
                 cached_run = pipeline(args, teacher_file, "cached", work)
             for bf16 in (False, True):
                 tag = "bf16" if bf16 else "fp32"
@@ -269,6 +274,8 @@ def main() -> int:
     out = {
         "plain_sps": plain[0], "plain_cached_sps": plain_cached[0],
         "online_sps": online["samples_per_s"], "cached_sps": cached_run["samples_per_s"],
+        "online_batched_sps": online_batched["samples_per_s"],  # deterministic: false
+        "determinism_cost": 1 - online["samples_per_s"] / online_batched["samples_per_s"],
         "pool_lps": pool, "pool_lps_with_put": pool_with_put, "inprocess_lps": inproc,
         "peak_rss_mb": memory.peak / 2**20,
         "ratios": {"b_over_a": online["samples_per_s"] / plain[0],
@@ -285,6 +292,8 @@ def main() -> int:
         ("a' plain loop, cached logits (fp32)", results["plain_cached_fp32"]),
         ("a' plain loop, cached logits (bf16)", results["plain_cached_bf16"]),
         ("b  stillhouse online", (online["samples_per_s"], online["test_accuracy"])),
+        ("b  stillhouse online, not deterministic",
+         (online_batched["samples_per_s"], online_batched["test_accuracy"])),
         ("c  stillhouse cached", (cached_run["samples_per_s"], cached_run["test_accuracy"])),
     ]
     print(f"\n{len(ds.x_train):,} samples, {args.epochs} epochs, global batch {args.batch}, "
