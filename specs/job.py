@@ -817,7 +817,9 @@ class JobSpec(Strict):
     teacher: TeacherSpec
     student: StudentSpec
     distillation: DistillationSpec = Field(
-        default_factory=lambda: HintonKD(kind="hinton")
+        default_factory=lambda: HintonKD(kind="hinton"),
+        description="default: `hinton` for images; `forward_kl` (its own defaults) for "
+        "`data.kind: text`",
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
@@ -859,6 +861,15 @@ class JobSpec(Strict):
         so the same teacher pool and logit cache serve both)."""
         return "fp32" if self.precision == "fp32" else "bf16"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _token_loss_by_default_for_text(cls, values: Any) -> Any:
+        """The default loss follows the data: per-token forward KL for text."""
+        if (isinstance(values, dict) and "distillation" not in values
+                and isinstance(values.get("data"), dict) and values["data"].get("kind") == "text"):
+            return {**values, "distillation": {"kind": "forward_kl"}}
+        return values
+
     @property
     def language_model(self) -> bool:
         """A language-model job: text data, Hugging Face causal LMs, token-level losses."""
@@ -870,15 +881,6 @@ class JobSpec(Strict):
             self._language_model_checks()
         else:
             self._image_checks()
-        if isinstance(self.student.model, HFModel) and self.student.model.init.from_teacher:
-            if not isinstance(self.teacher_model, HFModel):
-                raise ValueError(
-                    "`student.model.init.from_teacher` copies the teacher's blocks: the teacher "
-                    "must be an hf model (`teacher.model.kind: hf`)")
-        teacher = self.teacher_model
-        if isinstance(teacher, HFModel) and teacher.init.from_teacher:
-            raise ValueError("`teacher.model.init.from_teacher`: only the student is initialised "
-                             "from the teacher")
         if self.precision == "fp16" and self.resources.student_gpus == 0:
             raise ValueError(
                 "`precision` fp16 needs GPU workers: set `resources.student_gpus: 1`, or use "
@@ -952,6 +954,7 @@ class JobSpec(Strict):
         if isinstance(self.teacher, ExportedTeacher):
             raise ValueError("`data.kind: text` needs an hf teacher (`teacher.kind: train` or "
                              "`checkpoint` with `model.kind: hf`), not an exported program")
+        # (so `student.model.init.from_teacher` always has an hf teacher to copy from)
         for section, model in (("teacher.model", self.teacher_model),
                                ("student.model", self.student.model)):
             if not isinstance(model, HFModel):
@@ -961,6 +964,9 @@ class JobSpec(Strict):
                 raise ValueError(
                     f"`{section}.task` {model.task}: a job on text data distils causal LMs "
                     "(next-token logits per position); use `task: causal_lm`")
+        if self.teacher.model.init.from_teacher:
+            raise ValueError("`teacher.model.init.from_teacher`: only the student is initialised "
+                             "from the teacher")
         if not isinstance(self.distillation, TOKEN_LOSSES):
             raise ValueError("`data.kind: text` needs a token-level loss: `distillation.kind` "
                              "forward_kl, reverse_kl or jsd (not hinton)")
