@@ -166,6 +166,10 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
     }
     (run_path / "report.json").write_text(json.dumps(report, indent=2))
     publish_report(report, run_path, tracker)
+    tracker.log_table("report/lm_stages", ["stage", "perplexity", "next_token_accuracy",
+                                            "file_bytes", "nonzero_params", "bits"],
+                      [[s["name"], s["perplexity"], s["accuracy"], s.get("file_bytes"),
+                        s.get("nonzero_params"), s.get("bits")] for s in report["stages"]])
     for r in report["rounds"]:
         tracker.log({"round/perplexity": r["perplexity"], "round/accuracy": r["accuracy"],
                      "round/sparsity": r["sparsity"], "round/nonzero_params": r["nonzero_params"],

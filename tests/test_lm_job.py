@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -187,6 +188,21 @@ def test_online_distillation_of_a_student_from_the_teachers_blocks(tmp_path, lm_
                      "exported (Hugging Face, fp32)", "exported (int8 weights, compressed-tensors)"]
     assert report["export"]["nonzero_params"] == report["final"]["nonzero_params"]
     assert "perplexity" in result.stdout and "student-int8/" in result.stdout
+
+    # `stillhouse export` writes both directories again from the checkpoints alone
+    written = (run_dir / "student-hf" / "model.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "student-hf")
+    shutil.rmtree(run_dir / "student-int8")
+    again = run_cli(["export", str(run_dir)])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (run_dir / "student-hf" / "model.safetensors").read_bytes() == written
+    assert (run_dir / "student-int8" / "model.safetensors").is_file()
+    assert "next-token acc" in again.stdout and "exported student-int8/" in again.stdout
+    redone = json.loads((run_dir / "report.json").read_text())["stages"]
+    assert [s["name"] for s in redone] == names
+    # the same weights and test blocks, evaluated in another process: float32 rounding only
+    assert [s["perplexity"] for s in redone] == pytest.approx(
+        [s["perplexity"] for s in report["stages"]], rel=1e-6)
 
     # W&B: each phase's evaluation at its step, in the offline run files
     rows = [r for r in job_history(run_dir, "student-workers") if "eval/perplexity" in r]
