@@ -263,6 +263,16 @@ def export_run_dir(run_dir: Path, data_dir: str | None = None,
         raise NotARunDirError(f"{run_dir} is not a finished run dir (no spec.yaml or report.json)")
     spec = load_spec(run_dir / "spec.yaml")
     report = json.loads(report_path.read_text())
+    if spec.language_model:  # Hugging Face directories from the checkpoints and the token blocks
+        from trainers.lm_export import export_language_model
+        from trainers.lm_job import TEXT_DATA
+        from trainers.text_data import TextDataset
+
+        data = TextDataset.open(run_dir / TEXT_DATA)
+        report.update(export_language_model(spec, data, run_dir, report["teacher"]))
+        _write_report(report_path, report)
+        publish_report(report, run_dir)
+        return report
     data = recorded_data(run_dir, spec, data_dir)
     if isinstance(spec.teacher, TrainedTeacher):
         blob = (run_dir / "checkpoints" / "teacher" / "model.safetensors").read_bytes()
@@ -273,11 +283,17 @@ def export_run_dir(run_dir: Path, data_dir: str | None = None,
     report.update(compress_and_export(spec, data, run_dir, teacher, teacher_model, trusted))
     report.setdefault("files", {})["compressed"] = COMPRESSED_FILE
     report["files"]["exported_program"] = EXPORTED_PROGRAM
-    tmp = report_path.with_name("report.json.partial")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(report_path)
+    _write_report(report_path, report)
     publish_report(report, run_dir)
     return report
+
+
+def _write_report(path: Path, report: dict) -> None:
+    import json
+
+    tmp = path.with_name("report.json.partial")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
 
 
 def recorded_data(run_dir: Path, spec: JobSpec, data_dir: str | None):

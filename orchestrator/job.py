@@ -81,8 +81,14 @@ def run_job(
         )
         given = (plan.teacher_blob, plan.teacher_model) if plan.teacher_blob else None
         try:
-            report = _stages(spec, data, data_dir, run_path, given, tracker, ids, trusted,
-                             plan.warnings)
+            if spec.language_model:  # text data, Hugging Face models: orchestrator/lm_job.py
+                from orchestrator.lm_job import lm_stages
+
+                report = lm_stages(spec, data, run_path, plan.teacher_model, tracker, ids,
+                                   plan.warnings, fit=_fit, say=_say)
+            else:
+                report = _stages(spec, data, data_dir, run_path, given, tracker, ids, trusted,
+                                 plan.warnings)
         except BaseException:
             tracker.finish(exit_code=1)
             raise
@@ -273,6 +279,7 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
     from ray.train.torch import TorchTrainer
 
     from trainers.engine_config import ray_train_configs
+    from trainers.lm_worker import lm_train_worker
     from trainers.worker import train_worker
 
     import ray
@@ -284,7 +291,7 @@ def _fit(spec: JobSpec, run_path: Path, request) -> None:
     # the workers' progress, drawn here (their own output goes to the run dir's logs/)
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(
-        train_worker,
+        lm_train_worker if spec.language_model else train_worker,
         train_loop_config={"request": replace(request, progress=board)},
         scaling_config=scaling,
         run_config=run_config,

@@ -40,10 +40,15 @@ class Preflight:
     phases: list = field(default_factory=list)
     engines: list = field(default_factory=list)  # DeepSpeed configs: student (and teacher)
     warnings: list[str] = field(default_factory=list)
+    rows_are: str = "images"  # what a training row is: "images", or "sequences" of tokens
 
     def describe(self) -> list[str]:
-        lines = [f"data: {self.train_rows:,} training images of shape {self.image_shape}, "
-                 f"{self.num_classes} classes"]
+        if self.rows_are == "sequences":
+            lines = [f"data: {self.train_rows:,} training sequences of {self.image_shape[0]} "
+                     f"tokens, a vocabulary of {self.num_classes:,}"]
+        else:
+            lines = [f"data: {self.train_rows:,} training images of shape {self.image_shape}, "
+                     f"{self.num_classes} classes"]
         for p in self.phases:
             target = f", target sparsity {p.target_sparsity:.4f}" if p.kind == "prune" else ""
             lines.append(f"phase {p.name}: {p.epochs} epochs{target}")
@@ -57,6 +62,8 @@ def preflight(spec: JobSpec, data_dir: str | None, trusted: frozenset[str]) -> P
 
     from trainers.models import build_model, check_model
 
+    if spec.language_model:  # text data and Hugging Face models
+        return _language_model(spec, data_dir)
     for path, model_spec in spec.model_specs():  # untrusted code: refused before any import
         if model_spec.kind == "python":
             from trainers.models import check_trusted
@@ -108,6 +115,27 @@ def _engines_and_export(spec: JobSpec, plan: Preflight, student, trusted: frozen
                         "Linear or Conv layer to quantize")
 
 
+def _language_model(spec: JobSpec, data_dir: str | None) -> Preflight:
+    """A language-model job: the text tokenized, the tokenizers compared, the models built
+    offline and run on a block (trainers/lm_job.py), then the batch and the pruning target."""
+    from trainers.lm_job import plan_language_model
+    from trainers.lm_pruning import prunable_projections
+    from trainers.plan import student_phases
+
+    lm = plan_language_model(spec, data_dir)
+    plan = Preflight(lm.data, None, (lm.data.seq_len,), lm.vocab_size, lm.data.train_rows,
+                     teacher_model=lm.teacher, warnings=lm.warnings, rows_are="sequences")
+    _batch_fits(spec, plan)
+    if spec.pruning.enabled:
+        try:
+            params = prunable_projections(lm.student, spec.pruning)
+        except ValueError as err:
+            raise PlanError(f"`pruning.layers`: {err}") from None
+        _target_leaves_weights(spec.pruning, params)
+    plan.phases = student_phases(spec)
+    return plan
+
+
 def _data(spec: JobSpec, data_dir: str | None) -> Preflight:
     if isinstance(spec.data, (ParquetData, ImageFolderData)):
         from trainers.image_sources import list_source
@@ -133,14 +161,15 @@ def _batch_fits(spec: JobSpec, plan: Preflight) -> None:
         if batch > share:
             raise PlanError(
                 f"`{section}.batch_size` {batch} is larger than each worker's share of the "
-                f"training set ({plan.train_rows:,} images / {workers} workers = {share:,}): "
+                f"training set ({plan.train_rows:,} {plan.rows_are} / {workers} workers = "
+                f"{share:,}): "
                 f"no full batch per epoch; use at most {max(1, share // 8):,} for several steps "
                 "per epoch"
             )
         if share // batch < 4:
             plan.warnings.append(
                 f"`{section}.batch_size` {batch}: only {share // batch} steps per epoch per "
-                f"worker ({share:,} images each)")
+                f"worker ({share:,} {plan.rows_are} each)")
 
 
 def _layers_fit(spec: JobSpec, student, shape, classes: int) -> None:
@@ -164,6 +193,11 @@ def _layers_fit(spec: JobSpec, student, shape, classes: int) -> None:
         params = prunable_parameters(student, pruning)
     except ValueError as err:
         raise PlanError(f"`pruning.layers`: {err}") from None
+    _target_leaves_weights(pruning, params)
+
+
+def _target_leaves_weights(pruning, params: dict) -> None:
+    """The target sparsity leaves at least one weight per layer (global magnitude pruning)."""
     total = sum(p.numel() for p in params.values())
     pruned = int(round(pruning.target_sparsity * total))
     layers = len(params)

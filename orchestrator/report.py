@@ -51,6 +51,22 @@ def build_report(
     }
 
 
+def language_model_report(report: dict, phases: list[dict]) -> dict:
+    """Add a language-model job's figures to a report `build_report` made (in place): the task,
+    and for the dense student, each round and the final student the test perplexity and the
+    tokens trained per second (`accuracy` is the next-token accuracy there)."""
+    report["task"] = "causal_lm"
+    dense, last = phases[0], phases[-1]
+    report["dense_student"].update(perplexity=dense["perplexity"],
+                                   tokens_per_s=dense["tokens_per_s"])
+    prune_phases = [p for p in phases[1:] if p["kind"] == "prune"]
+    for row, phase in zip(report["rounds"], prune_phases):
+        row.update(perplexity=phase["perplexity"], tokens_per_s=phase["tokens_per_s"])
+    report["final"]["perplexity"] = last["perplexity"]
+    report["tokens_per_s"] = dense["tokens_per_s"]  # distillation throughput, all workers
+    return report
+
+
 def publish_report(report: dict, run_path, tracker=None) -> dict:
     """Write the plots next to report.json and send them, and the size table, to W&B."""
     from pathlib import Path
@@ -72,6 +88,8 @@ def publish_report(report: dict, run_path, tracker=None) -> dict:
 
 
 def format_table(report: dict) -> str:
+    if report.get("task") == "causal_lm":
+        return format_language_model_table(report)
     rows = [("model", "accuracy", "sparsity", "nonzero params")]
     t = report["teacher"]
     rows.append(("teacher", f"{t['accuracy']:.4f}", "-", f"{t['params']:,}"))
@@ -108,4 +126,51 @@ def format_table(report: dict) -> str:
                   f"exported {e['file']}: {e['compressed_file_bytes']:,} bytes, "
                   f"{e['size_reduction']:.1f}x smaller than the dense fp32 student's "
                   f"{e['dense_file_bytes']:,}; accuracy {e['accuracy']:.4f}"]
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_language_model_table(report: dict) -> str:
+    """A language-model job's tables: perplexity and next-token accuracy of the teacher, the
+    dense student and each round, then the exported directories."""
+    rows = [("model", "perplexity", "next-token acc", "sparsity", "nonzero params", "tokens/s")]
+    t = report["teacher"]
+    rows.append(("teacher", f"{t['perplexity']:.3f}", f"{t['accuracy']:.4f}", "-",
+                 f"{t['params']:,}", "-"))
+    d = report["dense_student"]
+    rows.append(("dense student", f"{d['perplexity']:.3f}", f"{d['accuracy']:.4f}", "0",
+                 f"{d['nonzero_params']:,}", f"{d['tokens_per_s']:,.0f}"))
+    for r in report["rounds"]:
+        rows.append((f"round {r['round']} (target {r['target_sparsity']:.3f})",
+                     f"{r['perplexity']:.3f}", f"{r['accuracy']:.4f}", f"{r['sparsity']:.4f}",
+                     f"{r['nonzero_params']:,}", f"{r['tokens_per_s']:,.0f}"))
+    lines = _columns(rows)
+    cache = report.get("token_cache")
+    if cache:
+        lines += ["", f"token cache: top-{cache['k']} of {cache['positions']:,} positions, "
+                  f"{cache['bytes_per_token']} bytes per token ({cache['file_bytes']:,} bytes "
+                  f"on disk)"]
+    if report.get("stages"):
+        rows = [("stage", "perplexity", "next-token acc", "size (KiB)", "bits", "nonzero params")]
+        for s in report["stages"]:
+            size = s.get("file_bytes")
+            rows.append((s["name"], f"{s['perplexity']:.3f}", f"{s['accuracy']:.4f}",
+                         f"{size / 1024:.1f}" if size else "-", str(s.get("bits", "-")),
+                         f"{s['nonzero_params']:,}" if s.get("nonzero_params") is not None
+                         else "-"))
+        e = report["export"]
+        lines += ["", *_columns(rows), "",
+                  f"exported {e['dir']}/: logits within {e['logit_max_abs_diff']:.2g} of the "
+                  f"student's (tolerance {e['logit_tolerance']:g})"]
+        if "int8" in e:
+            q = e["int8"]
+            lines.append(f"exported {q['dir']}/: logits within {q['logit_max_abs_diff']:.2g} of "
+                         f"the in-memory int8 model's (tolerance {q['logit_tolerance']:.2g})")
     return "\n".join(lines)

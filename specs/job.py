@@ -11,14 +11,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, and a loaded spec never changes."""
-
-    # no NaN or infinity where a number is asked for: nothing in a job means them
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+from specs.base import Strict
+from specs.lm import (
+    ForwardKL,
+    GeneralizedJSD,
+    HFModel,
+    ReverseKL,
+    TextData,
+    TokenCacheSpec,
+    validate_topk_loss,
+)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -200,7 +204,7 @@ class ImageFolderData(StreamedImages):
 
 
 DataSpec = Annotated[
-    Union[DigitsData, MnistData, IdxData, ParquetData, ImageFolderData],
+    Union[DigitsData, MnistData, IdxData, ParquetData, ImageFolderData, TextData],
     Field(discriminator="kind"),
 ]
 
@@ -287,7 +291,7 @@ class PythonModel(_RegistryModel):
 
 
 ModelSpec = Annotated[
-    Union[MLPModel, LeNet5Model, TimmModel, TorchvisionModel, PythonModel],
+    Union[MLPModel, LeNet5Model, TimmModel, TorchvisionModel, PythonModel, HFModel],
     Field(discriminator="kind"),
 ]
 
@@ -308,11 +312,31 @@ class TrainedTeacher(Strict):
 
 
 class CheckpointTeacher(Strict):
-    """A registry model whose weights are in a safetensors file (loaded weights-only)."""
+    """A trained model loaded as it is: a registry model whose weights are in a safetensors file
+    (`path`, loaded weights-only), or a Hugging Face model whose `save_pretrained` directory is
+    `model.path` (config.json and safetensors weights; no `path` here)."""
 
     kind: Literal["checkpoint"]
     model: ModelSpec
-    path: str = Field(min_length=1, description="a .safetensors state dict of `model`")
+    path: str | None = Field(
+        None, min_length=1, description="a .safetensors state dict of `model` (registry "
+        "models; an `hf` model names its directory in `model.path`)",
+    )
+
+    @model_validator(mode="after")
+    def _weights_named_once(self) -> "CheckpointTeacher":
+        if isinstance(self.model, HFModel):
+            if self.model.path is None:
+                raise ValueError(
+                    "a `checkpoint` teacher of kind hf is loaded from its `save_pretrained` "
+                    "directory: set `model.path` (a fresh `model.config` is for `kind: train`)")
+            if self.path is not None:
+                raise ValueError(
+                    "an hf teacher's weights are in its directory `model.path`: drop `path`")
+        elif self.path is None:
+            raise ValueError(f"`path` is required: the safetensors weights of the "
+                             f"{self.model.kind} model")
+        return self
 
 
 class ExportedTeacher(Strict):
@@ -364,7 +388,11 @@ class HintonKD(Strict):
     )
 
 
-DistillationSpec = Annotated[Union[HintonKD], Field(discriminator="kind")]
+# hinton for image classifiers; forward_kl / reverse_kl / jsd per token for language models
+DistillationSpec = Annotated[
+    Union[HintonKD, ForwardKL, ReverseKL, GeneralizedJSD], Field(discriminator="kind")
+]
+TOKEN_LOSSES = (ForwardKL, ReverseKL, GeneralizedJSD)
 
 
 class LogitsSpec(Strict):
@@ -377,13 +405,25 @@ class LogitsSpec(Strict):
     `topk`: the same cache, keeping only the `top_k` largest logits per sample and the
     log-sum-exp at the distillation temperature (see trainers/logit_cache.py for the
     approximation).
+
+    Language models (`data.kind: text`) keep the teacher's top-k per token, as `tokens` says:
+    `online`, the teacher replicas take the top-k before they answer, so (batch, seq, k)
+    crosses the wire instead of (batch, seq, vocab); `topk`, the top-k token cache
+    (trainers/token_cache.py), filled once by the teacher replicas, shard by shard, resumable.
+    `tokens.k` at least the vocabulary size keeps the whole distribution (full-logit
+    distillation). `cached` (a full vocabulary per token) is not offered for them.
     """
 
     mode: Literal["online", "cached", "topk"] = "online"
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(5, ge=1, description="image classifiers: logits kept per sample (`topk`)")
     cache_dir: str | None = Field(None, description="default: <run_dir>/../logit-cache")
     shard_size: int = Field(8192, ge=1, description="samples per cache shard")
     max_shards_in_memory: int = Field(16, ge=1, description="shards a reader keeps mapped")
+    tokens: TokenCacheSpec = Field(
+        default_factory=TokenCacheSpec, description="language models: the teacher's top-k per "
+        "token, on the wire (online) and in the token cache (topk); its `cache_dir`, "
+        "`shard_size` and `max_shards_in_memory` replace the ones above",
+    )
 
 
 # ------------------------------------------------------------------------------------ pruning
@@ -447,6 +487,15 @@ class PruningSpec(Strict):
         "or glob patterns (as in `model.named_modules()`), or `{include: [...], exclude: [...]}`"
     )
     include_bias: bool = Field(False, description="also prune biases")
+    embeddings: bool = Field(
+        False, description="language models (`hf`): also prune the input token embeddings "
+        "(by default only the attention and MLP projections of the blocks are pruned; norms "
+        "never are)",
+    )
+    lm_head: bool = Field(
+        False, description="language models: also prune the LM head (when it is not tied to "
+        "the embeddings)",
+    )
     granularity: Literal["weight", "channel"] = Field(
         "weight",
         description="`weight`: single weights by magnitude; `channel`: whole output channels "
@@ -528,9 +577,13 @@ class QuantizationSpec(Strict):
     `kmeans`: weight sharing (Deep Compression): each layer's kept weights are clustered by
     k-means into at most 2^bits shared values (`bits` per layer type), fine-tuned for
     `finetune_epochs` with a fixed assignment; stored as a codebook plus b-bit codes, run as fp32.
+    `int8_weights` (language models): post-training int8 weights, symmetric, one scale per
+    output channel, activations in float, written in the compressed-tensors format (the one vLLM
+    loads) beside the float Hugging Face directory (see trainers/hf_models.py).
     """
 
-    method: Literal["none", "dynamic", "static", "qat", "binary", "ternary", "kmeans"] = "none"
+    method: Literal["none", "dynamic", "static", "qat", "binary", "ternary", "kmeans",
+                    "int8_weights"] = "none"
     finetune_epochs: int = Field(
         3, ge=1,
         description="qat / binary / ternary / kmeans: distillation epochs on quantized weights",
@@ -777,7 +830,9 @@ class JobSpec(Strict):
     teacher: TeacherSpec
     student: StudentSpec
     distillation: DistillationSpec = Field(
-        default_factory=lambda: HintonKD(kind="hinton")
+        default_factory=lambda: HintonKD(kind="hinton"),
+        description="default: `hinton` for images; `forward_kl` (its own defaults) for "
+        "`data.kind: text`",
     )
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
@@ -819,19 +874,26 @@ class JobSpec(Strict):
         so the same teacher pool and logit cache serve both)."""
         return "fp32" if self.precision == "fp32" else "bf16"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _token_loss_by_default_for_text(cls, values: Any) -> Any:
+        """The default loss follows the data: per-token forward KL for text."""
+        if (isinstance(values, dict) and "distillation" not in values
+                and isinstance(values.get("data"), dict) and values["data"].get("kind") == "text"):
+            return {**values, "distillation": {"kind": "forward_kl"}}
+        return values
+
+    @property
+    def language_model(self) -> bool:
+        """A language-model job: text data, Hugging Face causal LMs, token-level losses."""
+        return isinstance(self.data, TextData)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
-        if self.distillation.features:
-            if isinstance(self.teacher, ExportedTeacher):
-                raise ValueError(
-                    "`distillation.features` needs the teacher's modules by name: use a `train` "
-                    "or `checkpoint` teacher, not `exported`"
-                )
-            if self.logits.mode != "online":
-                raise ValueError(
-                    "`distillation.features` needs the teacher pool every step: set "
-                    "`logits.mode: online` (the logit cache holds logits only)"
-                )
+        if self.language_model:
+            self._language_model_checks()
+        else:
+            self._image_checks()
         if self.precision == "fp16" and self.resources.student_gpus == 0:
             raise ValueError(
                 "`precision` fp16 needs GPU workers: set `resources.student_gpus: 1`, or use "
@@ -857,13 +919,94 @@ class JobSpec(Strict):
                 "each cluster to its mean over whole weights, which ZeRO 3 keeps in slices on "
                 "every rank; use zero_stage 0-2 for the quantized fine-tuning"
             )
+        return self
+
+    def _image_checks(self) -> None:
+        """Image classifiers: registry models, the `hinton` loss, the image-only settings."""
+        for section, model in (("teacher.model", self.teacher_model),
+                               ("student.model", self.student.model)):
+            if isinstance(model, HFModel):
+                raise ValueError(
+                    f"`{section}` kind hf is a language model: it needs `data.kind: text` (given "
+                    f"{self.data.kind})")
+        if not isinstance(self.distillation, HintonKD):
+            raise ValueError(
+                f"`distillation.kind` {self.distillation.kind} is a token-level loss for "
+                "language models (`data.kind: text`); image classifiers use `hinton`")
+        if self.distillation.features:
+            if isinstance(self.teacher, ExportedTeacher):
+                raise ValueError(
+                    "`distillation.features` needs the teacher's modules by name: use a `train` "
+                    "or `checkpoint` teacher, not `exported`"
+                )
+            if self.logits.mode != "online":
+                raise ValueError(
+                    "`distillation.features` needs the teacher pool every step: set "
+                    "`logits.mode: online` (the logit cache holds logits only)"
+                )
+        # settings compared with their defaults, not looked up in `model_fields_set`: a spec
+        # that went through JSON (to the workers, into the run dir) has every field set
+        if self.logits.tokens != TokenCacheSpec():
+            raise ValueError("`logits.tokens` is the top-k per token of language models "
+                             "(`data.kind: text`); image classifiers use `logits.top_k`")
+        if self.quantization.method == "int8_weights":
+            raise ValueError("`quantization.method` int8_weights (compressed-tensors) is for "
+                             "language models; image classifiers use dynamic, static or qat")
+        if self.pruning.embeddings or self.pruning.lm_head:
+            raise ValueError("`pruning.embeddings` and `pruning.lm_head` are for language "
+                             "models (`data.kind: text`)")
         if self.data.augment.enabled and self.logits.mode != "online":
             raise ValueError(
                 f"`logits.mode: {self.logits.mode}` with `data.augment`: a cache holds the "
                 "teacher's logits for the images as stored, not for this epoch's random crops "
                 "and flips; use `logits.mode: online` (the teacher then sees each augmented batch)"
             )
-        return self
+
+    def _language_model_checks(self) -> None:
+        """Text data: Hugging Face causal LMs, a token-level loss, top-k teacher logits."""
+        if isinstance(self.teacher, ExportedTeacher):
+            raise ValueError("`data.kind: text` needs an hf teacher (`teacher.kind: train` or "
+                             "`checkpoint` with `model.kind: hf`), not an exported program")
+        # (so `student.model.init.from_teacher` always has an hf teacher to copy from)
+        for section, model in (("teacher.model", self.teacher_model),
+                               ("student.model", self.student.model)):
+            if not isinstance(model, HFModel):
+                raise ValueError(f"`data.kind: text` needs Hugging Face models: `{section}` is "
+                                 f"kind {model.kind}, use `kind: hf`")
+            if model.task != "causal_lm":
+                raise ValueError(
+                    f"`{section}.task` {model.task}: a job on text data distils causal LMs "
+                    "(next-token logits per position); use `task: causal_lm`")
+        if self.teacher.model.init.from_teacher:
+            raise ValueError("`teacher.model.init.from_teacher`: only the student is initialised "
+                             "from the teacher")
+        if not isinstance(self.distillation, TOKEN_LOSSES):
+            raise ValueError("`data.kind: text` needs a token-level loss: `distillation.kind` "
+                             "forward_kl, reverse_kl or jsd (not hinton)")
+        if self.logits.mode == "cached":
+            raise ValueError(
+                "`logits.mode: cached` stores the whole vocabulary per token, which does not "
+                "fit on disk for a language model: use `topk` (the top-k token cache, "
+                "`logits.tokens`) or `online`")
+        image_only = sorted(name for name in ("top_k", "cache_dir", "shard_size",
+                                              "max_shards_in_memory")
+                            if getattr(self.logits, name) != LogitsSpec.model_fields[name].default)
+        if image_only:
+            raise ValueError(f"`logits` {image_only} are the image classifiers' cache settings: "
+                             "a language model's are in `logits.tokens` (`k`, `cache_dir`, "
+                             "`shard_size`, `max_shards_in_memory`)")
+        validate_topk_loss(self.distillation, self.logits.tokens)
+        if self.quantization.method not in ("none", "int8_weights"):
+            raise ValueError(
+                f"`quantization.method` {self.quantization.method} is for image classifiers; "
+                "a language model is exported as a Hugging Face directory (`none`) and also "
+                "with int8 weights in the compressed-tensors format (`int8_weights`)")
+        if self.pruning.enabled and self.pruning.granularity == "channel":
+            raise ValueError("`pruning.granularity: channel` is for image classifiers; a "
+                             "language model is pruned weight by weight (`granularity: weight`)")
+        if self.pruning.include_bias:
+            raise ValueError("`pruning.include_bias` is for image classifiers: a language "
+                             "model's projections are pruned by their weights only")
 
     @property
     def teacher_model(self) -> ModelSpec | None:

@@ -2,8 +2,10 @@
 losses and the per-token top-k logit cache.
 
 They follow `specs/job.py` (Strict: unknown keys are errors, frozen, every default here, variants
-discriminated by `kind`). `validate_topk_loss` is the cross-section check a job spec that holds
-both a token loss and top-k settings runs in its own validator.
+discriminated by `kind`), which wires them into the job spec: `HFModel` in the model union of
+teacher and student, `TextData` in the data union, the token losses in the distillation union,
+`TokenCacheSpec` as `logits.tokens`. `validate_topk_loss` is the cross-section check the job
+spec runs in its own validator.
 
 This module imports pydantic only, so `stillhouse validate` stays instant.
 """
@@ -12,9 +14,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
-from specs.job import Strict
+from specs.base import Strict
 
 # ------------------------------------------------------------------------------------ models
 
@@ -132,6 +134,15 @@ class TextData(Strict):
                 "document: drop `text_column` or change `format`"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_column(self, handler):
+        """A `txt` source's dump leaves `text_column` out, so that it validates again (the
+        trip to the workers and into the run dir) instead of reading as a column given."""
+        fields = handler(self)
+        if self.format == "txt" and isinstance(fields, dict):
+            fields.pop("text_column", None)
+        return fields
 
 
 # -------------------------------------------------------------------------------- losses

@@ -35,6 +35,27 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gloo_process_group():
+    """One gloo group of one process for every in-process engine test of the session: DeepSpeed
+    keeps the groups it builds from the first default group (its data-parallel and mesh groups),
+    so a group destroyed and made anew by a later module leaves it holding unregistered ones."""
+    import socket
+
+    import torch.distributed as dist
+
+    from trainers.engine import set_distributed_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    set_distributed_env(0, 0, 1, 1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
 def head(tmp_path_factory):
     """A real Ray head with token authentication on 127.0.0.1, shared by the cluster tests."""
     from ray_head import TOKEN, ray_head

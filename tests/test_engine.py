@@ -3,27 +3,18 @@ ZeRO stage: masks hold on the module and on DeepSpeed's fp32 master copy, NaN st
 """
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from specs import parse_spec
-from trainers.engine import DistillEngine, NonFiniteLossError, set_distributed_env
+from trainers.engine import DistillEngine, NonFiniteLossError
 from trainers.models import MLP
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    set_distributed_env(0, 0, 1, 1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+def process_group(gloo_process_group):
+    """The session's gloo group of one (tests/conftest.py)."""
 
 
 @pytest.fixture(autouse=True)

@@ -86,12 +86,26 @@ def test_sizes_come_from_the_data_never_from_the_user_twice():
 
 def test_every_example_names_only_existing_model_kinds():
     """Each example's models build on its data's image shape (the examples' data comes from
-    scripts/digits_files.py; here only the model side is checked, on the shape the spec asks)."""
+    scripts/digits_files.py; here only the model side is checked, on the shape the spec asks).
+    A language-model example's models are built from their configs and run on a block."""
     from specs import load_spec
     from trainers.models import build_model, check_model
 
     for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")):
         spec = load_spec(path)
+        if spec.language_model:
+            import torch
+
+            from trainers.hf_models import build_hf_model
+
+            for where, model_spec in spec.model_specs():
+                model = build_hf_model(model_spec)
+                vocab = model.config.vocab_size
+                ids = torch.randint(0, vocab, (2, spec.data.seq_len))
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits
+                assert logits.shape == (2, spec.data.seq_len, vocab), (path.name, where)
+            continue
         size = spec.data.image_size or ((28, 28) if spec.data.kind == "mnist" else (8, 8))
         shape = (spec.data.channels or 1, *size)
         for where, model_spec in spec.model_specs():

@@ -51,6 +51,22 @@ def test_topk_ids_logprobs_and_exact_rest():
     assert torch.isneginf(none_left).all()
 
 
+def test_the_whole_distribution_comes_in_id_order_and_encodes_as_well():
+    """k = V keeps everything: ids 0..V-1 unsorted, the exact log-probabilities, no rest; the
+    int8 codes are relative to each token's largest value wherever it sits."""
+    logits = _logits(spread=4.0)
+    ids, logp, rest = compress_token_topk(logits, 50, temperature=2.0)
+    assert torch.equal(ids, torch.arange(50).expand(6, 5, 50)) and torch.isneginf(rest).all()
+    assert torch.equal(logp, torch.log_softmax(logits / 2.0, dim=-1))  # the same float32 ops
+    enc = encode_logprobs(logp, "int8")
+    stored = {n: t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16
+              else t.numpy() for n, t in enc.items()}
+    top = logp.max(dim=-1, keepdim=True).values.numpy()
+    # half a level, plus the bf16 rounding of the top value, plus float32 slack
+    bound = enc["scale"].numpy()[..., None] / 2 + np.abs(top) * 2**-8 + 1e-5
+    assert np.all(np.abs(decode_logprobs(stored, "int8") - logp.numpy()) <= bound)
+
+
 def test_ids_dtype_follows_the_vocabulary():
     assert ids_dtype("auto", 32768) == np.int16 and ids_dtype("auto", 32769) == np.int32
     assert ids_dtype("int32", 100) == np.int32

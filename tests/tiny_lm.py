@@ -86,3 +86,38 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: guarded(
         socket.socket(), a[0] if a else k.get("address")))
+
+
+def write_jsonl(folder: Path, texts: list[str], name: str = "part.jsonl") -> Path:
+    """`texts` as one jsonl file, a `{"text": ...}` record per line."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    return folder / name
+
+
+def train_causal_lm(model, input_ids, attention_mask, steps: int, lr: float = 3e-3,
+                    batch: int = 8, seed: int = 0):
+    """A few steps of next-token cross-entropy in plain torch (AdamW), on random batches of
+    (N, L) blocks; returns the model in eval mode."""
+    import numpy as np
+    import torch
+
+    from trainers.lm_losses import next_token_labels
+
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows = rng.choice(len(input_ids), batch, replace=False)
+        ids = torch.from_numpy(input_ids[rows]).long()
+        mask = torch.from_numpy(attention_mask[rows]).long()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), next_token_labels(ids, mask).flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from specs.job import JobSpec
+from specs.job import TOKEN_LOSSES, JobSpec
 from trainers.compression import prune_masks
 from trainers.device import deepspeed_accelerator_name, prepare_deepspeed, student_device
 from trainers.engine_config import deepspeed_config
@@ -127,8 +127,14 @@ class DistillEngine:
 
             params = dict(self.module.named_parameters())
             self.prunable = {n: params[n] for n in pruned_parameters(self.channel_groups)}
+        elif spec.language_model:  # the blocks' projections (trainers/lm_pruning.py)
+            from trainers.lm_pruning import prunable_projections
+
+            self.prunable = prunable_projections(self.module, spec.pruning)
         else:
             self.prunable = prunable_parameters(self.module, spec.pruning)
+        # a language model's token-level loss (trainers/lm_losses.py); None: image classes
+        self.token_loss = spec.distillation if isinstance(spec.distillation, TOKEN_LOSSES) else None
         self.masks: dict[str, torch.Tensor] = {}  # name -> full bool mask on self.device
         self._mask_cache: dict[tuple, torch.Tensor] = {}
         self.nonfinite_steps = 0
@@ -186,15 +192,10 @@ class DistillEngine:
         step on every rank (the flag is all-reduced, so all ranks agree and no collective is left
         unmatched), and too many such steps fail the job rather than train on garbage.
         """
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        out = self.engine(x)  # (B, C)
-        if teacher_logits is None:
-            loss = nn.functional.cross_entropy(out.float(), y)
-            parts = {"ce": loss.detach()}
+        if self.token_loss is not None:  # a language model: (B, L) tokens, (B, L, V) logits
+            loss, parts = self._token_loss(x, y, teacher_logits)
         else:
-            teacher_logits = teacher_logits.to(self.device, non_blocking=True)
-            loss, parts = kd_loss(out, teacher_logits, y, temperature, alpha)
+            loss, parts = self._class_loss(x, y, teacher_logits, temperature, alpha)
         if self.tap is not None:
             student_features = self.tap.take()
             if teacher_features is not None:
@@ -224,6 +225,41 @@ class DistillEngine:
         for hook in self.after_step:
             hook()
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+
+    def _class_loss(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+                    temperature: float, alpha: float) -> tuple[torch.Tensor, dict]:
+        """Image classes: (B, ...) inputs, (B,) labels, (B, C) teacher logits or None."""
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        out = self.engine(x)  # (B, C)
+        if teacher_logits is None:
+            loss = nn.functional.cross_entropy(out.float(), y)
+            return loss, {"ce": loss.detach()}
+        teacher_logits = teacher_logits.to(self.device, non_blocking=True)
+        return kd_loss(out, teacher_logits, y, temperature, alpha)
+
+    def _token_loss(self, x: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                    teacher: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, dict]:
+        """A causal LM's loss over the non-padding tokens: `x` is (input ids (B, L), attention
+        mask (B, L)), `labels` (B, L) next-token ids with -100 where there is no target
+        (`next_token_labels`), `teacher` the teacher's top-k per token (ids (B, L, k),
+        log-probabilities at T (B, L, k), rest (B, L)), or None while the teacher itself trains
+        (next-token cross-entropy). The divergence and temperature are the spec's token loss."""
+        from trainers.lm_losses import IGNORE_INDEX, lm_topk_kd_loss
+
+        ids, mask = (t.to(self.device, non_blocking=True) for t in x)
+        labels = labels.to(self.device, non_blocking=True)
+        logits = self.engine(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+        if teacher is None:
+            # a sum over the targets, divided by their count (at least 1: a block of padding
+            # alone gives 0, not 0 / 0)
+            loss = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                reduction="sum") / (labels != IGNORE_INDEX).sum().clamp_min(1)
+            return loss, {"ce": loss.detach()}
+        t_ids, t_logprobs, t_rest = (t.to(self.device, non_blocking=True) for t in teacher)
+        return lm_topk_kd_loss(logits, t_ids, t_logprobs, labels, self.token_loss,
+                               self.spec.logits.tokens.missing_mass, t_rest)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

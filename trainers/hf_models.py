@@ -44,12 +44,16 @@ class HFModelError(InputError):
 def hf_offline() -> None:
     """Put the Hugging Face Hub into offline mode for this process: any attempt to reach the
     Hub raises instead of downloading. The Hub reads the variables when it is imported, so the
-    already-imported constant is set too."""
+    already-imported constant is set too. transformers' progress bars (loading and writing
+    weights) go off as well: a job prints its own progress, one line per step that matters."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import huggingface_hub.constants
 
     huggingface_hub.constants.HF_HUB_OFFLINE = True
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM",

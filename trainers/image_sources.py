@@ -197,7 +197,7 @@ def list_source(spec: ParquetData | ImageFolderData, data_dir: str | None) -> Li
         classes = list(spec.classes) if spec.classes else train_classes
         unknown = sorted((set(train_classes) | set(test_classes)) - set(classes))
         if unknown:
-            raise DataError(f"class folders {unknown[:10]} are not in `data.classes`")
+            raise DataError(f"`data.classes`: class folders {unknown[:10]} are not among them")
         for name, found in (("training", train_classes), ("test", test_classes)):
             missing = [c for c in classes if c not in found]
             if missing:
@@ -263,7 +263,8 @@ def _parquet_listing(spec: ParquetData, data_dir: str | None):
             except DataError:
                 raise
             except Exception as err:  # pyarrow's errors for a file that is not parquet
-                raise DataError(f"{path}: not a readable parquet file ({err})") from None
+                raise DataError(f"`data.{split}`: {path} is not a readable parquet file "
+                                f"({err})") from None
             items.append({"path": path, "rows": rows})
         splits[split] = items
         labels[split] = np.concatenate(values) if values else np.array([])

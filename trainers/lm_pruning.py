@@ -77,6 +77,20 @@ def projection_weights(model: nn.Module, *, include_embeddings: bool = False,
     return unique
 
 
+def prunable_projections(model: nn.Module, pruning) -> dict[str, nn.Parameter]:
+    """What a job prunes in a language model (`pruning` is the job spec's PruningSpec): the
+    projection weights of the blocks, with the embeddings and the LM head when the spec asks
+    (`pruning.embeddings`, `pruning.lm_head`), narrowed by `pruning.layers` (glob patterns over
+    their module names, as for image models)."""
+    from trainers.pruning import select_layers
+
+    weights = projection_weights(model, include_embeddings=pruning.embeddings,
+                                 include_lm_head=pruning.lm_head)
+    modules = {name[: -len(".weight")]: name for name in weights}
+    chosen = select_layers(list(modules), pruning.selection, what="projection")
+    return {modules[m]: weights[modules[m]] for m in chosen}
+
+
 @torch.no_grad()
 def prune_global_magnitude_(model: nn.Module, sparsity: float,
                             previous: dict[str, torch.Tensor] | None = None,

@@ -225,8 +225,19 @@ class TeacherPool:
         node can read: the run dir on a cluster's shared storage)."""
         teacher_path = str(Path(teacher_path).resolve())
         blob = Path(teacher_path).read_bytes()
+        wanted = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
+        args = (spec.model_dump_json(), teacher_path, tuple(image_shape), num_classes,
+                tuple(sorted(trusted)))
+        return cls.launch(spec, TeacherReplica, args, wanted, num_classes)
+
+    @classmethod
+    def launch(cls, spec: JobSpec, replica: type, args: tuple, fingerprint: str,
+               num_classes: int | None = None) -> "TeacherPool":
+        """Start `resources.teacher_replicas` actors of class `replica` (`TeacherReplica`, or a
+        subclass serving another kind of teacher) with constructor `args`, and wait until each
+        has loaded its teacher; a shared pool must serve `fingerprint` (its replicas' own)."""
         name = spec.resources.shared_pool
-        replica_cls = ray.remote(TeacherReplica)
+        replica_cls = ray.remote(replica)
         base = replica_options(spec)
         replicas = []
         for i in range(spec.resources.teacher_replicas):
@@ -234,9 +245,7 @@ class TeacherPool:
                 **base, "name": f"{name}-{i}", "namespace": SHARED_NAMESPACE,
                 "lifetime": "detached", "get_if_exists": True,
             }
-            replicas.append(replica_cls.options(**options).remote(
-                spec.model_dump_json(), teacher_path, tuple(image_shape), num_classes,
-                tuple(sorted(trusted))))
+            replicas.append(replica_cls.options(**options).remote(*args))
         pool = cls(replicas, spec, shared=bool(name), num_classes=num_classes)
         timeout = spec.resources.placement_timeout_s
         ready, not_ready = ray.wait(
@@ -254,8 +263,7 @@ class TeacherPool:
         except ray.exceptions.RayActorError as err:
             pool.shutdown(force=True)
             raise PoolStartError(f"a teacher replica failed to start: {err}") from None
-        wanted = teacher_fingerprint(blob, spec.teacher_precision, feature_layers(spec))
-        if any(s["fingerprint"] != wanted for s in stats):
+        if any(s["fingerprint"] != fingerprint for s in stats):
             pool.replicas = []  # they belong to the jobs that made them
             raise PoolStartError(
                 f"shared pool {name!r} serves another teacher or precision; "

@@ -142,25 +142,28 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def check_tokenizers_agree(teacher, student) -> None:
+def check_tokenizers_agree(teacher, student, names: tuple[str, str] = ("teacher", "student"),
+                           ) -> None:
     """Raise TokenizerMismatch naming the first difference between two tokenizers: vocabulary
     size, then the first id whose token differs, then special tokens, then the rules that turn
-    text into ids (normalizer, pre-tokenizer, merges, ...)."""
+    text into ids (normalizer, pre-tokenizer, merges, ...). `names` are what the message calls
+    the two."""
+    a_name, b_name = names
     t_table, s_table = _id_to_token(teacher), _id_to_token(student)
     if len(teacher) != len(student) or len(t_table) != len(s_table):
         raise TokenizerMismatch(
-            f"tokenizers differ in vocabulary size: teacher {len(teacher)}, student "
+            f"tokenizers differ in vocabulary size: {a_name} {len(teacher)}, {b_name} "
             f"{len(student)}")
     for index, (a, b) in enumerate(zip(t_table, s_table)):
         if a != b:
             raise TokenizerMismatch(
-                f"tokenizers differ at token id {index}: teacher {a!r}, student {b!r}")
+                f"tokenizers differ at token id {index}: {a_name} {a!r}, {b_name} {b!r}")
     t_special, s_special = teacher.special_tokens_map, student.special_tokens_map
     for role in sorted(set(t_special) | set(s_special)):
         if t_special.get(role) != s_special.get(role):
             raise TokenizerMismatch(
-                f"tokenizers differ in special token {role}: teacher "
-                f"{t_special.get(role)!r}, student {s_special.get(role)!r}")
+                f"tokenizers differ in special token {role}: {a_name} "
+                f"{t_special.get(role)!r}, {b_name} {s_special.get(role)!r}")
     t_parts, s_parts = _backend_parts(teacher), _backend_parts(student)
     for part in BACKEND_PARTS:
         if t_parts[part] != s_parts[part]:
@@ -244,3 +247,130 @@ def load_text_split(spec: TextData, split: str, tokenizer) -> TextBlocks:
     docs = tokenize(tokenizer, texts)
     make = pack_blocks if spec.pack else pad_blocks
     return make(docs, spec.seq_len, tokenizer.eos_token_id, _pad_id(tokenizer))
+
+
+# -------------------------------------------------------------------- the job's data object
+
+PREPARED_FILES = {"train": "train.safetensors", "test": "test.safetensors"}
+PREPARED_MANIFEST = "manifest.json"
+
+
+def resolve(path: str, data_dir: str | None) -> str:
+    """A relative path or glob of the data section is relative to `--data-dir` when given."""
+    p = Path(path)
+    return str(p if p.is_absolute() or data_dir is None else Path(data_dir) / p)
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """A text source as a job holds it: the training and test blocks, and what made them.
+
+    The driver tokenizes once (`load_text_dataset`, before Ray starts) and writes the blocks
+    into the run dir (`save`); every worker maps that copy (`open`), so all of them train on
+    the same ids without loading a tokenizer. Sample ids are block positions (see `TextData`).
+    """
+
+    train: TextBlocks
+    test: TextBlocks
+    vocab_size: int  # len(tokenizer): ids run 0..vocab_size-1
+    tokenizer_dir: str
+    tokenizer_fingerprint: str
+    source: dict
+    folder: str | None = None  # the prepared copy, once written
+
+    streamed = False
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.input_ids.shape[1])
+
+    @property
+    def train_rows(self) -> int:
+        return len(self.train.input_ids)
+
+    @property
+    def test_rows(self) -> int:
+        return len(self.test.input_ids)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes of a next-token prediction: the vocabulary."""
+        return self.vocab_size
+
+    def fingerprint(self) -> str:
+        """The training blocks' digest (keys the token cache, with the tokenizer and seq_len)."""
+        return self.train.digest()
+
+    def test_batches(self, batch_size: int = 32):
+        """(input_ids (B, L) int64, attention_mask (B, L) int64) numpy batches, in order."""
+        for i in range(0, self.test_rows, batch_size):
+            yield (self.test.input_ids[i:i + batch_size].astype(np.int64),
+                   self.test.attention_mask[i:i + batch_size].astype(np.int64))
+
+    def describe(self) -> dict:
+        return {"kind": "text", "seq_len": self.seq_len, "vocab_size": self.vocab_size,
+                "train_rows": self.train_rows, "test_rows": self.test_rows,
+                "train_tokens": self.train.tokens, "test_tokens": self.test.tokens,
+                "train_documents": self.train.documents, "test_documents": self.test.documents,
+                "tokenizer": self.tokenizer_dir, "tokenizer_fingerprint": self.tokenizer_fingerprint,
+                "streamed": False, **self.source}
+
+    def save(self, folder: str | Path) -> "TextDataset":
+        """Write the blocks (safetensors) and a manifest into `folder`, unless the same blocks
+        are there already; returns the data set with `folder` set."""
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        manifest = {"train_digest": self.train.digest(), "test_digest": self.test.digest(),
+                    "vocab_size": self.vocab_size, "tokenizer_dir": self.tokenizer_dir,
+                    "tokenizer_fingerprint": self.tokenizer_fingerprint, "source": self.source,
+                    "documents": {"train": self.train.documents, "test": self.test.documents}}
+        path = folder / PREPARED_MANIFEST
+        if not (path.is_file() and json.loads(path.read_text()) == manifest):
+            folder.mkdir(parents=True, exist_ok=True)
+            for split, blocks in (("train", self.train), ("test", self.test)):
+                tmp = folder / (PREPARED_FILES[split] + ".partial")
+                save_file({"input_ids": blocks.input_ids, "attention_mask": blocks.attention_mask,
+                           "sample_ids": blocks.sample_ids}, str(tmp))
+                tmp.replace(folder / PREPARED_FILES[split])
+            tmp = folder / (PREPARED_MANIFEST + ".partial")
+            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.replace(path)  # last: a manifest means both files are complete
+        return TextDataset(self.train, self.test, self.vocab_size, self.tokenizer_dir,
+                           self.tokenizer_fingerprint, self.source, str(folder))
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "TextDataset":
+        """The copy `save` wrote (a worker's view of the job's data)."""
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        manifest = json.loads((folder / PREPARED_MANIFEST).read_text())
+        splits = {}
+        for split in ("train", "test"):
+            arrays = load_file(str(folder / PREPARED_FILES[split]))
+            splits[split] = TextBlocks(arrays["input_ids"], arrays["attention_mask"],
+                                       arrays["sample_ids"], manifest["documents"][split])
+            if splits[split].digest() != manifest[f"{split}_digest"]:
+                raise TextDataError(f"{folder}: the {split} blocks do not match their manifest")
+        return cls(splits["train"], splits["test"], manifest["vocab_size"],
+                   manifest["tokenizer_dir"], manifest["tokenizer_fingerprint"],
+                   manifest["source"], str(folder))
+
+
+def load_text_dataset(spec: TextData, data_dir: str | None = None) -> tuple[TextDataset, object]:
+    """Tokenize a text source's two splits; returns the data set and the tokenizer. Relative
+    globs and the tokenizer directory are taken relative to `data_dir` when one is given."""
+    tokenizer_dir = resolve(spec.tokenizer, data_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    resolved = spec.model_copy(update={"train": resolve(spec.train, data_dir),
+                                       "test": resolve(spec.test, data_dir)})
+    train = load_text_split(resolved, "train", tokenizer)
+    test = load_text_split(resolved, "test", tokenizer)
+    for split, blocks in (("train", train), ("test", test)):
+        if len(blocks.input_ids) == 0:
+            raise TextDataError(f"`data.{split}`: the files hold no text")
+    source = {"train": resolved.train, "test": resolved.test, "format": spec.format,
+              "pack": spec.pack}
+    return TextDataset(train, test, len(tokenizer), str(Path(tokenizer_dir).resolve()),
+                       tokenizer_fingerprint(tokenizer), source), tokenizer

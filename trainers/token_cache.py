@@ -70,13 +70,14 @@ def compress_token_topk(logits: torch.Tensor,  # (B, L, V), any float dtype
     """The k most probable ids per token (B, L, k) int64, their log-probabilities at T
     (B, L, k) float32 (descending), and the log of the mass outside them (B, L) float32, from
     log_softmax in float32. The rest is a logsumexp over the other V - k log-probabilities
-    (exact even when the top-k hold nearly everything); -inf when k = V."""
+    (exact even when the top-k hold nearly everything). With k = V the whole distribution is
+    kept: ids 0..V-1 in order (sorting V values per token would buy nothing), rest -inf."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, L, V)
-    values, ids = logp.topk(k, dim=-1)  # (B, L, k), sorted
     if k == logp.shape[-1]:
-        rest = torch.full_like(values[..., 0], float("-inf"))
-    else:
-        rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)  # (B, L)
+        ids = torch.arange(k, device=logp.device).expand(logp.shape)
+        return ids, logp, torch.full_like(logp[..., 0], float("-inf"))
+    values, ids = logp.topk(k, dim=-1)  # (B, L, k), sorted
+    rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1)  # (B, L)
     return ids, values, rest
 
 
@@ -95,14 +96,16 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
-def encode_logprobs(logprobs: torch.Tensor,  # (n, L, k) float32, sorted descending
+def encode_logprobs(logprobs: torch.Tensor,  # (n, L, k) float32, in any order
                     storage: str) -> dict[str, torch.Tensor]:
     """The stored form of top-k log-probabilities (see the module docstring)."""
     if storage == "bf16":
         return {"logprobs": _bf16(logprobs)}
     if storage != "int8":
         raise ValueError(f"unknown log-prob storage {storage!r}")
-    top = _bf16(logprobs[..., 0]).float()  # (n, L), rounded first: codes are relative to it
+    # (n, L), rounded first: codes are relative to it (the first value when sorted; the
+    # whole distribution, k = V, comes in id order)
+    top = _bf16(logprobs.max(dim=-1).values).float()
     low = logprobs.min(dim=-1).values  # (n, L)
     scale = ((top - low) / 255.0).clamp_min(0.0)  # (n, L)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # one level when all equal

@@ -160,13 +160,17 @@ class Tracker:
             self._run.log({key: wandb.Image(str(path)) for key, path in images.items()})
 
     def log_artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
-        """Files as one W&B artifact (offline runs keep it for `wandb sync`)."""
+        """Files as one W&B artifact (offline runs keep it for `wandb sync`); a directory
+        goes in whole, under its own name (a Hugging Face model directory)."""
         if self._run is not None:
             import wandb
 
             artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
             for f in files:
-                artifact.add_file(str(f))
+                if Path(f).is_dir():
+                    artifact.add_dir(str(f), name=Path(f).name)
+                else:
+                    artifact.add_file(str(f))
             self._run.log_artifact(artifact)
 
     def summary(self, values: dict) -> None:
