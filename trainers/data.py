@@ -353,7 +353,7 @@ def _download(folder: Path, name: str) -> None:
             return
         except OSError as err:
             errors.append(f"{mirror}: {err}")
-    raise DataError(f"could not download {name}: " + "; ".join(errors))
+    raise DataError(f"`data.download`: could not download {name}: " + "; ".join(errors))
 
 
 def _idx_images(images: np.ndarray, name: str) -> np.ndarray:
