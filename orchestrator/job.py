@@ -183,7 +183,7 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
 
     # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
     logit_cache = None
-    if spec.logits.mode != "online":
+    if spec.logits.mode != "online" and spec.student_uses_teacher:
         logit_cache = _logit_cache(spec, teacher_path, blob, data, run_path, trusted)
 
     # 2. teacher pool ----------------------------------------------------------------------
@@ -203,7 +203,9 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
         }
         _say(f"teacher accuracy {teacher['accuracy']:.4f} ({teacher['params']:,} params)")
         tracker.log({"teacher/accuracy": teacher["accuracy"], "teacher/params": teacher["params"]})
-        if logit_cache is not None:  # the workers read the cache: the replicas' CPUs go to them
+        # the workers read the cache, or need no teacher at all: the replicas' CPUs go to them
+        serving = spec.replicas_beside_workers and logit_cache is None
+        if not serving:
             replica_stats = pool.stats()
             pool.shutdown()
 
@@ -223,9 +225,9 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
                      f"pruning rounds to {spec.pruning.target_sparsity:.0%} sparsity")
             else:
                 _say("stage 3/4 student: dense distillation (pruning disabled)")
-            _fit(spec, run_path, request("student", teacher_replicas=pool.replicas,
+            _fit(spec, run_path, request("student", teacher_replicas=pool.replicas or None,
                                          logit_cache=logit_cache))
-        if logit_cache is None:
+        if serving:
             replica_stats = pool.stats()
     finally:
         pool.shutdown()

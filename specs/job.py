@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from specs.base import Strict
 from specs.lm import (
@@ -224,6 +224,9 @@ class LeNet5Model(Strict):
 
     kind: Literal["lenet5"]
     padding: int = Field(0, ge=0, le=2, description="conv padding; 2 lets 8x8 digits through")
+    widths: tuple[PositiveInt, PositiveInt, PositiveInt] = Field(
+        (20, 50, 500), description="conv1 filters, conv2 filters, hidden units (Caffe's: 20, 50, "
+        "500); a wider LeNet makes a teacher")
 
 
 # keyword arguments the data or stillhouse decides: given in `kwargs` they would say things twice
@@ -309,6 +312,12 @@ class TrainedTeacher(Strict):
     batch_size: int = Field(64, gt=0, description="per worker")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(0.0, ge=0.0, description="0 turns clipping off")
+    augment: Augmentation | None = Field(
+        None, description="training augmentation of the teacher's own training, instead of "
+        "`data.augment` (the default): e.g. shifted images for the teacher while the student "
+        "learns from cached logits of the images as stored, as Hinton et al. (2015) trained "
+        "their MNIST teacher on jittered images and distilled on the plain ones"
+    )
 
 
 class CheckpointTeacher(Strict):
@@ -853,12 +862,32 @@ class JobSpec(Strict):
     recurring: RecurringSpec = Field(default_factory=RecurringSpec)
     sweep: SweepSpec | None = None
 
+    def augmentation(self, stage: str) -> Augmentation:
+        """The training augmentation of a stage (`teacher` or `student`): `data.augment`, or the
+        trained teacher's own `augment` for the teacher's training when it gives one."""
+        if stage == "teacher" and isinstance(self.teacher, TrainedTeacher):
+            if self.teacher.augment is not None:
+                return self.teacher.augment
+        return self.data.augment
+
+    @property
+    def student_uses_teacher(self) -> bool:
+        """Whether the student's loss needs the teacher at all. With `distillation.alpha` 0 and
+        no feature pairs it is cross-entropy alone (a student trained alone, as a baseline): the
+        teacher is still trained or loaded and scored, but the workers never ask it anything."""
+        if self.language_model:  # a language-model job keeps its replicas (orchestrator/lm_job.py)
+            return True
+        return self.distillation.alpha > 0 or bool(self.distillation.features)
+
     @property
     def replicas_beside_workers(self) -> bool:
         """Whether the teacher replicas hold their CPUs while the workers train. Online they
         serve the workers; with cached logits they fill the cache and answer the test set first,
-        and are gone before the workers start (unless they are a shared pool, which stays)."""
-        return self.logits.mode == "online" or bool(self.resources.shared_pool)
+        and are gone before the workers start (unless they are a shared pool, which stays); a
+        student that does not use the teacher lets them go after the test set too."""
+        if self.resources.shared_pool:
+            return True
+        return self.logits.mode == "online" and self.student_uses_teacher
 
     @property
     def total_cpus(self) -> float:

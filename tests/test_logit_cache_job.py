@@ -88,3 +88,57 @@ def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(
     cache = LogitCache.open(Path(root), key, 1)
     assert not np.allclose(cache.logits(np.arange(8)),
                            LogitCache.open(tmp_path / "cache", caches[0].name, 1).logits(np.arange(8)))
+
+
+def _phase_meta(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "checkpoints" / name / "COMPLETE.json").read_text())["meta"]
+
+
+def test_teacher_trained_on_shifts_student_on_cached_logits_and_a_student_alone(
+    tmp_path, digits_teacher
+):
+    """Hinton et al.'s MNIST set-up as a job: the teacher trains on shifted images
+    (`teacher.augment`), the student learns from cached logits of the images as stored (a cache
+    cannot hold per-epoch shifts). Then a student trained alone (`alpha: 0`) never asks the
+    teacher: its replicas leave after scoring the teacher, so one worker may take every CPU."""
+    spec = digits_spec(1, group="cache", name="shifted-teacher", precision="bf16_autocast",
+                       logits={"mode": "cached", "cache_dir": str(tmp_path / "cache")})
+    spec["teacher"]["epochs"] = 3
+    spec["teacher"]["augment"] = {"random_crop_padding": 1}
+    spec["student"]["epochs"] = 3
+    spec["pruning"] = {"enabled": False}
+    spec["wandb"] = {"mode": "disabled"}
+    spec["resources"] = {"teacher_replicas": 1, "teacher_cpus": 1, "student_workers": 1,
+                         "student_cpus": 2}
+    folder = tmp_path / "shifted"
+    folder.mkdir()
+    result = run_cli(["run", str(write_spec(folder, spec)), "--run-dir", str(folder / "run")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "logit cache: wrote" in result.stdout
+    teacher = _phase_meta(folder / "run", "teacher")
+    student = _phase_meta(folder / "run", "student-00-dense")
+    assert teacher["augment"] == {"random_crop_padding": 1, "hflip": False}
+    assert student["augment"] == {"random_crop_padding": 0, "hflip": False}
+    # 3 epochs on shifted 8x8 digits: far above chance (0.1), the bar is loose on purpose
+    assert json.loads((folder / "run" / "report.json").read_text())["teacher"]["accuracy"] > 0.5
+
+    # alone: online logits, yet 1 replica x 1 CPU and 1 worker x 2 CPUs fit 2 CPUs, because the
+    # replicas have gone before the worker starts
+    alone = digits_spec(1, group="cache", name="alone", teacher=digits_teacher,
+                        precision="bf16_autocast",
+                        distillation={"kind": "hinton", "temperature": 4.0, "alpha": 0.0})
+    alone.update(pruning={"enabled": False}, resources=spec["resources"],
+                 wandb={"mode": "disabled", "log_every_steps": 5})
+    alone["student"]["epochs"] = 2
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    result = run_cli(["run", str(write_spec(folder, alone)), "--run-dir", str(folder / "run")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "logit cache" not in result.stdout
+    rows = [json.loads(line)["row"] for line in
+            (folder / "run" / "checkpoints" / "student-00-dense" / "metrics.jsonl")
+            .read_text().splitlines()]
+    trained = [r for r in rows if "train/loss" in r]
+    assert trained, rows
+    # cross-entropy alone: no distillation term was ever computed
+    assert all("train/ce" in r and "train/kd" not in r for r in trained), trained[0]

@@ -153,18 +153,21 @@ def test_loading_a_spec_imports_no_heavy_library():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("mode,shared,expected", [
-    ("online", None, 2 * 0.5 + 3 * 1.0),  # replicas serve the workers while they train
-    ("cached", None, 3 * 1.0),  # replicas fill the cache, then leave before the workers start
-    ("topk", None, 3 * 1.0),
-    ("cached", "pool", 2 * 0.5 + 3 * 1.0),  # a shared pool's replicas stay
+@pytest.mark.parametrize("mode,shared,alpha,expected", [
+    ("online", None, 0.9, 2 * 0.5 + 3 * 1.0),  # replicas serve the workers while they train
+    ("cached", None, 0.9, 3 * 1.0),  # replicas fill the cache, then leave before the workers start
+    ("topk", None, 0.9, 3 * 1.0),
+    ("cached", "pool", 0.9, 2 * 0.5 + 3 * 1.0),  # a shared pool's replicas stay
+    ("online", None, 0.0, 3 * 1.0),  # a student alone: replicas score the teacher, then leave
+    ("online", "pool", 0.0, 2 * 0.5 + 3 * 1.0),
 ])
-def test_cpus_held_at_once_depend_on_the_teacher_mode(mode, shared, expected):
+def test_cpus_held_at_once_depend_on_the_teacher_mode(mode, shared, alpha, expected):
     from cluster.local import ClusterResourceError, check_cpus
 
     spec = parse_spec({**BASE, "logits": {"mode": mode}, "resources": {
         "teacher_replicas": 2, "teacher_cpus": 0.5, "student_workers": 3, "student_cpus": 1.0,
-        "shared_pool": shared}})
+        "shared_pool": shared}, "distillation": {"kind": "hinton", "alpha": alpha}})
+    assert spec.student_uses_teacher == (alpha > 0)
     assert spec.total_cpus == expected
     check_cpus(spec, expected, "here")
     with pytest.raises(ClusterResourceError, match=f"asks for {expected:g} CPUs"):
@@ -182,3 +185,27 @@ def test_kmeans_takes_bits_per_layer_type():
     assert set(problems) == {"quantization.bits.linear", "quantization.bits.conv",
                              "quantization.bits.fc"}
     assert problems["quantization.bits.linear"].value == 9
+
+
+def test_feature_distillation_uses_the_teacher_even_at_alpha_zero():
+    spec = parse_spec({**BASE, "distillation": {"kind": "hinton", "alpha": 0.0, "features": [
+        {"student": "net.0", "teacher": "net.0"}]}})
+    assert spec.student_uses_teacher and spec.replicas_beside_workers
+
+
+def test_the_teacher_may_train_on_its_own_augmentation():
+    shifts = {"random_crop_padding": 2, "hflip": False}
+    teacher = {**BASE["teacher"], "augment": {"random_crop_padding": 2}}
+    # shifted images for the teacher, the images as stored for the student: cached logits work
+    spec = parse_spec({**BASE, "teacher": teacher, "logits": {"mode": "cached"}})
+    assert spec.augmentation("teacher").model_dump() == shifts
+    assert not spec.augmentation("student").enabled
+    # without its own, the teacher trains on `data.augment`, as the student does
+    spec = parse_spec({**BASE, "data": {"kind": "digits", "augment": shifts}})
+    assert spec.augmentation("teacher") == spec.augmentation("student") == spec.data.augment
+    # the student's augmentation still needs online logits
+    problems = _problems({**BASE, "teacher": teacher, "logits": {"mode": "cached"},
+                          "data": {"kind": "digits", "augment": shifts}})
+    assert any("logits.mode: cached" in p.message for p in problems.values()), problems
+    problems = _problems({**BASE, "teacher": {**teacher, "augment": {"random_crop_padding": -1}}})
+    assert set(problems) == {"teacher.augment.random_crop_padding"}

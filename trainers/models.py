@@ -139,7 +139,7 @@ def _build(spec, image_shape: tuple[int, int, int], num_classes: int, trusted: f
     if isinstance(spec, MLPModel):
         return MLP(channels * height * width, list(spec.hidden), num_classes)
     if isinstance(spec, LeNet5Model):
-        return LeNet5(image_shape, num_classes, padding=spec.padding)
+        return LeNet5(image_shape, num_classes, padding=spec.padding, widths=tuple(spec.widths))
     if isinstance(spec, TimmModel):
         import timm
 
@@ -216,7 +216,7 @@ def architecture(spec, image_shape: tuple[int, int, int], num_classes: int) -> d
     if isinstance(spec, MLPModel):
         return {**base, "hidden": list(spec.hidden)}
     if isinstance(spec, LeNet5Model):
-        return {**base, "padding": spec.padding, "widths": list(LeNet5.WIDTHS)}
+        return {**base, "padding": spec.padding, "widths": list(spec.widths)}
     if isinstance(spec, (TimmModel, TorchvisionModel)):
         return {**base, "name": spec.name, "kwargs": dict(spec.kwargs)}
     if isinstance(spec, PythonModel):

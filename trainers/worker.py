@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from trainers.locks import WORKERS_LOCK, shared_lock
 from trainers.tracking import METRICS_FILE, Tracker, committed_rows, is_logged, mark_logged
-from specs.job import JobSpec
+from specs.job import Augmentation, JobSpec
 from trainers import checkpoint
 from trainers.data import Prefetcher, epoch_shard, ids_multiset_hash, load_dataset
 from trainers.device import student_device
@@ -116,9 +116,9 @@ def train_worker(config: dict) -> None:
                                 spec.logits.max_shards_in_memory)
         if cache is None or cache.rows != data.train_rows:
             raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
-    elif student:
+    elif student and spec.student_uses_teacher:
         client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
-        if not data.streamed and not spec.data.augment.enabled:
+        if not data.streamed and not spec.augmentation("student").enabled:
             # once: teacher requests carry row indices into it, not the rows themselves; the
             # worker reads its batches from the same shared-memory copy. (Augmented or streamed
             # batches exist only in the worker: their values travel with each request.)
@@ -221,7 +221,8 @@ def _run_phase(
     for epoch in range(phase.epochs):
         epoch_start = time.perf_counter()
         epoch_key = phase.index * 1000 + epoch  # distinct per (phase, epoch): order, crops
-        batches = training_batches(data, spec, section.batch_size, epoch_key, rank, world)
+        batches = training_batches(data, spec, section.batch_size, epoch_key, rank, world,
+                                   spec.augmentation(stage))
         epoch_losses, epoch_samples, ids_hash = [], 0, 0
         with Prefetcher(_step_inputs(data, batches, cache, client, source, engine)) as inputs:
             for idx, x, y, t_logits, t_features in inputs:
@@ -282,6 +283,7 @@ def _run_phase(
         "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
         "rank_checks": checks, "epochs": ledger,
         "warnings": _useless_layers(per_layer, phase),
+        "augment": spec.augmentation(stage).model_dump(),  # what this phase trained on
     }
     phase_metrics = {"eval/accuracy": accuracy}
     if stage == "student":
@@ -359,9 +361,10 @@ def epoch_steps(data, batch_size: int, seed: int, rank: int, world: int) -> int:
 
 
 def training_batches(data, spec: JobSpec, batch_size: int, epoch_key: int, rank: int,
-                     world: int):
+                     world: int, augment: Augmentation):
     """This rank's (sample ids, x (B, C, H, W) float32 numpy, y) batches of one epoch, augmented
-    when the spec says so (the teacher then sees the same augmented batch)."""
+    as `augment` (the stage's: `JobSpec.augmentation`) says; in the student's stage the teacher
+    then sees the same augmented batch."""
     if data.streamed:
         raw = data.epoch_batches(batch_size, epoch_key, spec.seed, rank, world,
                                  spec.data.shuffle_buffer_rows)
@@ -369,7 +372,6 @@ def training_batches(data, spec: JobSpec, batch_size: int, epoch_key: int, rank:
     else:
         batches = ((idx, data.x_train[idx], data.y_train[idx]) for idx in
                    epoch_shard(data.train_rows, batch_size, epoch_key, spec.seed, rank, world))
-    augment = spec.data.augment
     if not augment.enabled:
         yield from batches
         return
@@ -395,7 +397,7 @@ def _step_inputs(data, batches, cache: LogitCache | None, client: TeacherPoolCli
             yield (ids, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
                    torch.from_numpy(cache.logits(ids)), None)
         return
-    if client is None:  # the teacher's own training: labels only
+    if client is None:  # the teacher's own training, or a student trained alone: labels only
         for ids, x, y in batches:
             yield ids, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), None, None
         return
