@@ -37,7 +37,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +75,7 @@ def commit(root: Path, name: str, meta: dict) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.rename(staging, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 

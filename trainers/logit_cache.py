@@ -126,7 +126,9 @@ class CacheWriter:
         return final
 
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "I32": np.int32}
+# safetensors dtypes as numpy reads them (bf16 as its uint16 bits: numpy has no bfloat16)
+SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64, "F64": np.float64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "BF16": np.uint16}
 
 
 def map_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -152,27 +154,21 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-class LogitCache:
-    """Reads teacher logits for sample indices from a complete cache."""
+class ShardedCache:
+    """A finished cache folder (manifest.json, shard-NNNNN.safetensors) read shard by shard: at
+    most `max_shards_in_memory` shards stay mapped, the least recently used go first. The logit
+    cache and the token cache (trainers/token_cache.py) read through it."""
 
-    def __init__(self, folder: Path, max_shards_in_memory: int):
+    def __init__(self, folder: str | Path, max_shards_in_memory: int):
         self.folder = Path(folder)
         self.manifest = json.loads((self.folder / "manifest.json").read_text())
         self.max_shards = max_shards_in_memory
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.shard_loads = 0
-        # sample id -> row of the cache: rows are written in the order the data was read (a
-        # streamed source's prepared order), and looked up by the ids a batch carries
-        self.row_of_id = np.empty(self.rows, dtype=np.int64)
-        size = self.manifest["shard_size"]
-        for i in range(self.manifest["shards"]):
-            ids = np.asarray(map_safetensors(self.folder / f"shard-{i:05d}.safetensors")["ids"])
-            if len(ids) and (ids.min() < 0 or ids.max() >= self.rows):
-                raise ValueError(f"{self.folder}: shard {i} holds ids outside 0..{self.rows - 1}")
-            self.row_of_id[ids] = i * size + np.arange(len(ids))
 
     @classmethod
-    def open(cls, root: Path, key: str, max_shards_in_memory: int) -> "LogitCache | None":
+    def open(cls, root: str | Path, key: str, max_shards_in_memory: int):
+        """The cache `root/key`, or None when it is not finished."""
         folder = Path(root) / key
         if not (folder / "manifest.json").is_file():
             return None
@@ -192,6 +188,22 @@ class LogitCache:
         while len(self._shards) > self.max_shards:
             self._shards.popitem(last=False)
         return shard
+
+
+class LogitCache(ShardedCache):
+    """Reads teacher logits for sample indices from a complete cache."""
+
+    def __init__(self, folder: Path, max_shards_in_memory: int):
+        super().__init__(folder, max_shards_in_memory)
+        # sample id -> row of the cache: rows are written in the order the data was read (a
+        # streamed source's prepared order), and looked up by the ids a batch carries
+        self.row_of_id = np.empty(self.rows, dtype=np.int64)
+        size = self.manifest["shard_size"]
+        for i in range(self.manifest["shards"]):
+            ids = np.asarray(map_safetensors(self.folder / f"shard-{i:05d}.safetensors")["ids"])
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.rows):
+                raise ValueError(f"{self.folder}: shard {i} holds ids outside 0..{self.rows - 1}")
+            self.row_of_id[ids] = i * size + np.arange(len(ids))
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """(B,) sample ids -> (B, C) float32 teacher logits (pseudo-logits for top-k)."""

@@ -45,7 +45,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from specs.lm import TokenCacheSpec
+from trainers.checkpoint import fsync_dir
+from trainers.logit_cache import ShardedCache
 
 FORMAT = "stillhouse-token-topk-v1"
 INT16_VOCAB = 1 << 15  # ids 0..32767 fit a signed int16
@@ -168,14 +169,6 @@ class FillStats:
 TopKFn = Callable[[int, int], tuple]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write to `<name>.tmp`, flush it to disk, rename: `path` is complete or absent."""
     tmp = path.with_name(path.name + ".tmp")
@@ -183,7 +176,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _shard_shapes(layout: dict, rows: int) -> dict[str, tuple[str, tuple]]:
@@ -289,7 +282,7 @@ def _fill(root: Path, key: str, num_samples: int, seq_len: int, vocab_size: int,
                   lambda p: p.write_text(json.dumps(manifest, indent=1)))
     final = root / key
     os.rename(staging, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final, FillStats(n_shards, computed, n_shards - computed, positions,
                             manifest["bytes_per_token"], file_bytes)
 
@@ -297,56 +290,9 @@ def _fill(root: Path, key: str, num_samples: int, seq_len: int, vocab_size: int,
 # ---------------------------------------------------------------------------------- read
 
 
-NUMPY_DTYPES = {"BF16": np.uint16, "I8": np.int8, "I16": np.int16, "I32": np.int32,
-                "F32": np.float32}
-
-
-def _map_shard(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only memmap (bf16 as its uint16 bits)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    arrays = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, _ = info["data_offsets"]
-        dtype = np.dtype(NUMPY_DTYPES[info["dtype"]]).newbyteorder("<")
-        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start,
-                                 shape=tuple(info["shape"]))
-    return arrays
-
-
-class TokenCache:
+class TokenCache(ShardedCache):
     """Reads the teacher's top-k for sequences by sample id from a finished cache; at most
     `max_shards_in_memory` shards stay mapped (least recently used go first)."""
-
-    def __init__(self, folder: str | Path, max_shards_in_memory: int):
-        self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / "manifest.json").read_text())
-        self.max_shards = max_shards_in_memory
-        self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-
-    @classmethod
-    def open(cls, root: str | Path, key: str, max_shards_in_memory: int) -> "TokenCache | None":
-        folder = Path(root) / key
-        if not (folder / "manifest.json").is_file():
-            return None
-        return cls(folder, max_shards_in_memory)
-
-    @property
-    def rows(self) -> int:
-        return self.manifest["rows"]
-
-    def _shard(self, i: int) -> dict[str, np.ndarray]:
-        if i in self._shards:
-            self._shards.move_to_end(i)
-            return self._shards[i]
-        shard = _map_shard(self.folder / f"shard-{i:05d}.safetensors")
-        self._shards[i] = shard
-        while len(self._shards) > self.max_shards:
-            self._shards.popitem(last=False)
-        return shard
 
     def topk(self, sample_ids: np.ndarray,  # (B,) int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
