@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import replace
@@ -145,7 +144,7 @@ def _prepare(spec: JobSpec, data_dir: str | None, run_path: Path, plan):
 
 def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted,
             warnings) -> dict:
-    from orchestrator.report import build_report, format_table, publish_report
+    from orchestrator.report import format_table, publish_report, student_report
     from trainers import checkpoint
     from trainers.models import count_params
     from trainers.plan import TEACHER_CHECKPOINT, student_phases
@@ -233,14 +232,7 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
         pool.shutdown()
 
     # 4. report ----------------------------------------------------------------------------
-    metas = [checkpoint.verify(ckpt_root / n) for n in names]
-    last = ckpt_root / names[-1]
-    shutil.copyfile(last / "model.safetensors", run_path / "student.safetensors")
-    shutil.copyfile(last / "masks.safetensors", run_path / "student-masks.safetensors")
-    report = build_report(
-        spec_name=spec.name, spec_hash=ids["spec_hash"], teacher=teacher, phases=metas,
-        files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
-    )
+    metas, report = student_report(spec.name, ids["spec_hash"], teacher, run_path, names)
     from orchestrator.compress import COMPRESSED_FILE, EXPORTED_PROGRAM, compress_and_export
 
     teacher["file_bytes"] = len(blob)

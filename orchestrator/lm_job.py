@@ -21,7 +21,6 @@ The driver's console lines and the worker group runs come from orchestrator/job.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
     preflight's TextDataset, `teacher_model` its teacher (for its parameter count), `fit(spec,
     run_path, request)` runs one worker group to the end of its stage, `say` prints a line."""
     from orchestrator.report import (
-        build_report, format_table, language_model_report, publish_report,
+        format_table, language_model_report, publish_report, student_report,
     )
     from trainers import checkpoint
     from trainers.hf_models import model_dir_digest
@@ -141,14 +140,7 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
         pool.shutdown()
 
     # 4. report ----------------------------------------------------------------------------
-    metas = [checkpoint.verify(ckpt_root / n) for n in names]
-    last = ckpt_root / names[-1]
-    shutil.copyfile(last / "model.safetensors", run_path / "student.safetensors")
-    shutil.copyfile(last / "masks.safetensors", run_path / "student-masks.safetensors")
-    report = build_report(
-        spec_name=spec.name, spec_hash=ids["spec_hash"], teacher=teacher, phases=metas,
-        files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
-    )
+    metas, report = student_report(spec.name, ids["spec_hash"], teacher, run_path, names)
     language_model_report(report, metas)
     report["data"] = data.describe()
     report["warnings"] = list(warnings) + [w for m in metas for w in m.get("warnings", [])]

@@ -3,6 +3,27 @@
 from __future__ import annotations
 
 
+def student_report(spec_name: str, spec_hash: str, teacher: dict, run_path, names: list[str]
+                   ) -> tuple[list[dict], dict]:
+    """After the student stage: every phase's checkpoint verified (its meta), the last phase's
+    weights and masks copied to the run dir as the student's files, and the report built."""
+    import shutil
+    from pathlib import Path
+
+    from trainers import checkpoint
+
+    ckpt_root = Path(run_path) / "checkpoints"
+    metas = [checkpoint.verify(ckpt_root / n) for n in names]
+    last = ckpt_root / names[-1]
+    shutil.copyfile(last / "model.safetensors", Path(run_path) / "student.safetensors")
+    shutil.copyfile(last / "masks.safetensors", Path(run_path) / "student-masks.safetensors")
+    report = build_report(
+        spec_name=spec_name, spec_hash=spec_hash, teacher=teacher, phases=metas,
+        files={"student": "student.safetensors", "masks": "student-masks.safetensors"},
+    )
+    return metas, report
+
+
 def build_report(
     *, spec_name: str, spec_hash: str, teacher: dict, phases: list[dict], files: dict
 ) -> dict:

@@ -31,18 +31,24 @@ from trainers import checkpoint
 from trainers.data import Prefetcher, epoch_shard, ids_multiset_hash
 from trainers.device import student_device
 from trainers.engine import DistillEngine, set_distributed_env
-from trainers.features import student_only
 from trainers.lm_job import job_model
 from trainers.lm_losses import IGNORE_INDEX, next_token_labels
 from trainers.lm_teacher import pack_blocks, perplexity, token_scores, unpack_topk
 from trainers.locks import WORKERS_LOCK, shared_lock
 from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
-from trainers.pruning import mask_digest, sparsity_stats
 from trainers.teacher_pool import TeacherPoolClient
 from trainers.text_data import TextDataset
 from trainers.token_cache import TokenCache
-from trainers.tracking import Tracker, mark_logged
-from trainers.worker import StageRequest, _epoch_ledger, _print0, _resume, _save, stage_tracker
+from trainers.tracking import Tracker
+from trainers.worker import (
+    StageRequest,
+    _epoch_ledger,
+    _print0,
+    _resume,
+    commit_phase,
+    phase_state,
+    stage_tracker,
+)
 
 
 def lm_train_worker(config: dict) -> None:
@@ -157,51 +163,28 @@ def _run_phase(
     dist.all_reduce(trained)  # every rank's tokens, not one rank's times the world size
 
     ppl, accuracy = perplexity(_evaluate(engine, data, rank, world, batch_size))
-    all_weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
-    weights = student_only(all_weights)
-    prunable = {n: weights[n] for n in engine.prunable}
-    per_layer, prunable_nonzero, prunable_total = sparsity_stats(prunable)
-    _, model_nonzero, model_total = sparsity_stats(weights)
-    lp_bad, hp_bad = engine.masked_nonzero()
-    checks = [None] * world
-    dist.all_gather_object(
-        checks, {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                 "mask_digest": mask_digest(engine.masks) if engine.masks else None,
-                 "masked_nonzero_module": lp_bad, "masked_nonzero_master": hp_bad}
-    )
+    all_weights, state = phase_state(engine, rank, world)
+    model_nonzero, model_total = state["nonzero_params"], state["dense_params"]
     meta = {
         "phase": phase.name, "phase_index": phase.index, "kind": phase.kind, "round": phase.round,
-        "target_sparsity": phase.target_sparsity,
-        "sparsity": 1.0 - prunable_nonzero / prunable_total, "threshold": threshold,
+        "target_sparsity": phase.target_sparsity, "threshold": threshold,
         "accuracy": accuracy, "perplexity": ppl,
-        "train_loss": float(np.mean(losses)) if losses else None,
-        "nonzero_params": model_nonzero, "dense_params": model_total,
-        "prunable_nonzero": prunable_nonzero, "prunable_params": prunable_total,
-        "layer_sparsity": per_layer, "global_step": global_step, "steps": step_in_phase,
+        "train_loss": float(np.mean(losses)) if losses else None, **state,
+        "global_step": global_step, "steps": step_in_phase,
         "skipped_nonfinite_steps": skipped,
         "skipped_overflow_steps": engine.overflow_steps - overflows_before,
         "device": engine.device.type,
         "train_tokens": int(trained.item()), "tokens_per_s": float(trained.item()) / max(wall, 1e-9),
         "samples_per_s": sum(e["samples"] for e in ledger) / max(wall, 1e-9),
         "wall_seconds": wall, "world_size": world, "precision": spec.precision,
-        "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
-        "rank_checks": checks, "epochs": ledger, "seq_len": data.seq_len,
+        "zero_stage": spec.deepspeed.zero_stage, "params": model_total,
+        "epochs": ledger, "seq_len": data.seq_len,
         "init": init,  # the student's blocks copied from the teacher (the first phase only)
     }
     phase_metrics = {"eval/perplexity": ppl, "eval/next_token_accuracy": accuracy,
                      "eval/tokens_per_s": meta["tokens_per_s"]}
-    if stage == "student":
-        phase_metrics.update({
-            "prune/sparsity": meta["sparsity"], "prune/target_sparsity": phase.target_sparsity,
-            "prune/round": phase.round, "prune/nonzero_params": model_nonzero,
-        })
-    wandb_rows[global_step] = {**wandb_rows.get(global_step, {}), **phase_metrics}
-    _save(engine, root, phase.name, meta, {**all_weights, **engine.buffers_fp32()}, rank,
-          wandb_rows)
-    if rank == 0:  # committed: now they can go to W&B, and the ledger says so
-        for step in sorted(wandb_rows):
-            tracker.log(wandb_rows[step], step=step)
-        mark_logged(root / phase.name, tracker.run_id)
+    commit_phase(engine, root, phase, stage, meta, all_weights, phase_metrics, wandb_rows,
+                 tracker, rank)
     _print0(
         f"[{stage}] {phase.name} done: perplexity {ppl:.3f}, next-token accuracy "
         f"{accuracy:.4f}, sparsity {meta['sparsity']:.4f}, {model_nonzero:,}/{model_total:,} "

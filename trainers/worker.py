@@ -256,7 +256,57 @@ def _run_phase(
 
     engine.average_buffers()  # one set of BatchNorm statistics, from all workers' data
     accuracy = _evaluate(engine, data, rank, world)
-    all_weights = engine.full_fp32_weights()  # collective under ZeRO: every rank calls it
+    all_weights, state = phase_state(engine, rank, world)
+    model_nonzero, model_total = state["nonzero_params"], state["dense_params"]
+    per_layer = state["layer_sparsity"]
+    meta = {
+        "phase": phase.name, "phase_index": phase.index, "kind": phase.kind, "round": phase.round,
+        "target_sparsity": phase.target_sparsity, "threshold": threshold, "accuracy": accuracy,
+        "train_loss": float(np.mean(losses)) if losses else None, **state,
+        "global_step": global_step, "steps": step_in_phase,
+        "skipped_nonfinite_steps": skipped,
+        "skipped_overflow_steps": engine.overflow_steps - overflows_before,  # fp16 loss scaling
+        "device": engine.device.type, "samples_per_s": samples / max(wall, 1e-9),
+        "wall_seconds": wall, "world_size": world, "precision": spec.precision,
+        "zero_stage": spec.deepspeed.zero_stage, "params": model_total,
+        "epochs": ledger,
+        "warnings": _useless_layers(per_layer, phase),
+        "augment": spec.augmentation(stage).model_dump(),  # what this phase trained on
+    }
+    phase_metrics = {"eval/accuracy": accuracy}
+    commit_phase(engine, root, phase, stage, meta, all_weights, phase_metrics, wandb_rows,
+                 tracker, rank)
+    progress.phase_done(phase, accuracy, meta["sparsity"], model_nonzero, model_total, wall,
+                        meta["warnings"])
+    ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
+    return global_step
+
+
+def commit_phase(engine, root: Path, phase: Phase, stage: str, meta: dict, all_weights: dict,
+                 phase_metrics: dict, wandb_rows: dict, tracker: Tracker, rank: int) -> None:
+    """A phase's end: its evaluation (and, for the student, pruning figures) joins the W&B rows
+    of its last step, the checkpoint is committed on every rank, and only then do the rows go to
+    W&B, once (the ledger beside the checkpoint says they did)."""
+    if stage == "student":
+        phase_metrics = {**phase_metrics, "prune/sparsity": meta["sparsity"],
+                         "prune/target_sparsity": phase.target_sparsity,
+                         "prune/round": phase.round, "prune/nonzero_params": meta["nonzero_params"]}
+    step = meta["global_step"]
+    wandb_rows[step] = {**wandb_rows.get(step, {}), **phase_metrics}
+    _save(engine, root, phase.name, meta, {**all_weights, **engine.buffers_fp32()}, rank,
+          wandb_rows)
+    if rank == 0:  # committed: now they can go to W&B, and the ledger says so
+        for row_step in sorted(wandb_rows):
+            tracker.log(wandb_rows[row_step], step=row_step)
+        mark_logged(root / phase.name, tracker.run_id)
+
+
+def phase_state(engine, rank: int, world: int) -> tuple[dict, dict]:
+    """At a phase's end, on every rank (a collective under ZeRO): all fp32 weights and the
+    phase record's figures of them: sparsity of the prunable weights and per layer, nonzero and
+    dense parameter counts of the student, and each rank's mask digest and leaks (no masked
+    weight may be nonzero on the module or on DeepSpeed's master copy)."""
+    all_weights = engine.full_fp32_weights()
     weights = student_only(all_weights)  # without feature-KD projections
     prunable = {n: weights[n] for n in engine.prunable}
     per_layer, prunable_nonzero, prunable_total = sparsity_stats(prunable)
@@ -268,40 +318,12 @@ def _run_phase(
                  "mask_digest": mask_digest(engine.masks) if engine.masks else None,
                  "masked_nonzero_module": lp_bad, "masked_nonzero_master": hp_bad}
     )
-    meta = {
-        "phase": phase.name, "phase_index": phase.index, "kind": phase.kind, "round": phase.round,
-        "target_sparsity": phase.target_sparsity, "sparsity": 1.0 - prunable_nonzero / prunable_total,
-        "threshold": threshold, "accuracy": accuracy,
-        "train_loss": float(np.mean(losses)) if losses else None,
+    return all_weights, {
+        "sparsity": 1.0 - prunable_nonzero / prunable_total,
         "nonzero_params": model_nonzero, "dense_params": model_total,
         "prunable_nonzero": prunable_nonzero, "prunable_params": prunable_total,
-        "layer_sparsity": per_layer, "global_step": global_step, "steps": step_in_phase,
-        "skipped_nonfinite_steps": skipped,
-        "skipped_overflow_steps": engine.overflow_steps - overflows_before,  # fp16 loss scaling
-        "device": engine.device.type, "samples_per_s": samples / max(wall, 1e-9),
-        "wall_seconds": wall, "world_size": world, "precision": spec.precision,
-        "zero_stage": spec.deepspeed.zero_stage, "params": sum(w.numel() for w in weights.values()),
-        "rank_checks": checks, "epochs": ledger,
-        "warnings": _useless_layers(per_layer, phase),
-        "augment": spec.augmentation(stage).model_dump(),  # what this phase trained on
+        "layer_sparsity": per_layer, "rank_checks": checks,
     }
-    phase_metrics = {"eval/accuracy": accuracy}
-    if stage == "student":
-        phase_metrics.update({
-            "prune/sparsity": meta["sparsity"], "prune/target_sparsity": phase.target_sparsity,
-            "prune/round": phase.round, "prune/nonzero_params": model_nonzero,
-        })
-    wandb_rows[global_step] = {**wandb_rows.get(global_step, {}), **phase_metrics}
-    _save(engine, root, phase.name, meta, {**all_weights, **engine.buffers_fp32()}, rank,
-          wandb_rows)
-    if rank == 0:  # committed: now they can go to W&B, and the ledger says so
-        for step in sorted(wandb_rows):
-            tracker.log(wandb_rows[step], step=step)
-        mark_logged(root / phase.name, tracker.run_id)
-    progress.phase_done(phase, accuracy, meta["sparsity"], model_nonzero, model_total, wall,
-                        meta["warnings"])
-    ray.train.report({"phase": phase.name, "accuracy": accuracy, "sparsity": meta["sparsity"]})
-    return global_step
 
 
 def _useless_layers(per_layer: dict[str, float], phase: Phase) -> list[str]:
