@@ -60,6 +60,9 @@ REGRESSIONS = {
                                             "`pruning.target_sparsity`"),
     "digits resized past what memory holds": ({"data": {"kind": "digits", "image_size": [4096, 4096]}},
                                               "`data.image_size`"),
+    "a parquet glob that matches a file that is not parquet": (
+        {"data": {"kind": "parquet", "train": str(ROOT / "README.md"),
+                  "test": str(ROOT / "README.md")}}, "`data.train`"),
 }
 
 
