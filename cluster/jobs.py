@@ -87,6 +87,10 @@ def entrypoint(run_dir: str, data_dir: str | None, command: str = "run",
     return shlex.join(args)
 
 
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 120.0  # how long a submission waits for the head's job agent to register
+
+
 def submit(
     spec: JobSpec, address: str, *, run_dir: str, data_dir: str | None = None,
     submission_id: str | None = None, metadata: dict | None = None,
@@ -116,14 +120,23 @@ def submit(
                          # worker) within 0.5 s instead of its default 2 s poll
                          **JOB_RAY_TRAIN_ENV},
         }
-        return _call(
-            address, client.submit_job,
-            entrypoint=entrypoint(run_dir, data_dir, "sweep" if spec.sweep else "run",
-                                  tuple(sorted(trusted))),
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"stillhouse_job": spec.name, **(metadata or {})},
-        )
+        # A head whose job agent has not registered yet (a fresh `ray start --head`, or one
+        # whose agent restarts) answers 500 "No available agent to submit job, please try again
+        # later": nothing was submitted, so the same submission is tried again while it says so.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=entrypoint(run_dir, data_dir, "sweep" if spec.sweep else "run",
+                                          tuple(sorted(trusted))),
+                    runtime_env=runtime_env,
+                    submission_id=submission_id,
+                    metadata={"stillhouse_job": spec.name, **(metadata or {})},
+                )
+            except Exception as err:
+                if NO_AGENT not in str(err) or time.monotonic() > deadline:
+                    raise _explain(err, address) from None
+                time.sleep(1.0)
 
 
 def status(address: str, job_id: str, client=None) -> str:

@@ -6,6 +6,7 @@ unsatisfiable placement (which Ray would wait on forever) into a clear error.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,10 @@ def check_cluster(spec: JobSpec, resources: dict, where: str) -> None:
     check_gpus(spec, resources.get("GPU", 0.0), where)
 
 
+STOPPED_MESSAGE = ("stillhouse: stopped (SIGTERM); nothing more was committed. Rerun the same "
+                   "command to resume")
+
+
 def stop_on_sigterm() -> None:
     """After `ray.init` (which installs its own handler, a bare `sys.exit`): SIGTERM raises
     `JobStopped` in the main thread, so the driver unwinds at once with a clear message, before
@@ -92,6 +97,9 @@ def stop_on_sigterm() -> None:
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it outright
+        # said first: Ray Jobs sends SIGKILL 3 s after its SIGTERM, which may come before the
+        # driver has let go of its actors and the cluster
+        print(STOPPED_MESSAGE, file=sys.stderr, flush=True)
         raise JobStopped("SIGTERM")
 
     signal.signal(signal.SIGTERM, stop)

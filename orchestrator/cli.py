@@ -92,9 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     except JobError as err:
         print(f"stillhouse: job failed: {err}", file=sys.stderr)
         return EXIT_FAILED
-    except JobStopped as stop:
-        print(f"stillhouse: stopped ({stop}); nothing more was committed. Rerun the same "
-              "command to resume", file=sys.stderr)
+    except JobStopped:  # the SIGTERM handler has said so (cluster/local.py)
         return 143
     except KeyboardInterrupt:
         print("stillhouse: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -74,7 +74,11 @@ def ray_head(token: str, num_cpus: int = 2, log_path: Path | None = None):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+         # the agents' fixed default ports would collide with any other head on this machine
+         # (another test session's): the job agent of the second one never comes up
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         # one machine is never drained: no Ray Train preemption watcher (an actor process per
         # worker group), as on an embedded cluster (cluster/local.py)
         env={**token_env(token), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},

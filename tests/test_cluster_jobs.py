@@ -71,6 +71,7 @@ def test_stop_a_running_job(head, tmp_path, digits_teacher):
     spec = _small_spec(tmp_path, "to-stop", digits_teacher, epochs=200)
     run_dir = tmp_path / "run"
     submitted = cli(["submit", str(spec), "--address", head, "--run-dir", str(run_dir)])
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + 300
     while "[student] student-00-dense (1/2) epoch 1/200" not in cli(
