@@ -28,7 +28,6 @@ import io
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,38 +36,12 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from memory import PeakMemory  # noqa: E402
 
 STORE_BYTES = 75 * 1024 * 1024  # Ray's smallest object store
 RSS_BOUND_MB = 2048  # stated bound for any one process while streaming the large source
-
-
-class PeakPerProcess:
-    """The largest resident memory any single process of this tree reached (sampled)."""
-
-    def __init__(self):
-        self.peak, self.who = 0, ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    rss = p.memory_info().rss
-                    if rss > self.peak:
-                        self.peak, self.who = rss, " ".join(p.cmdline()[:3])[:80]
-                except psutil.Error:
-                    pass
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def write_mnist_parquet(data_dir: str, out: Path) -> Path:
@@ -211,7 +184,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=psutil.cpu_count(), object_store_memory=STORE_BYTES,
              include_dashboard=True, dashboard_host="127.0.0.1", logging_level="warning")
     try:
-        with PeakPerProcess() as peak:
+        with PeakMemory() as peak:
             run_job(large, data_dir=data_dir, run_dir=str(work / "large-run"), address="current")
     finally:
         ray.shutdown()
@@ -225,8 +198,8 @@ def main() -> None:
         "streamed_job_wall_s": streamed_wall,
         "large_rows": large_rows, "large_bytes": large_bytes, "object_store_bytes": STORE_BYTES,
         "large_over_store": large_bytes / STORE_BYTES,
-        "large_peak_rss_mb": peak.peak / 2**20, "large_peak_process": peak.who,
-        "rss_bound_mb": RSS_BOUND_MB, "rss_within_bound": peak.peak / 2**20 < RSS_BOUND_MB,
+        "large_peak_rss_mb": peak.peak_one / 2**20, "large_peak_process": peak.who,
+        "rss_bound_mb": RSS_BOUND_MB, "rss_within_bound": peak.peak_one / 2**20 < RSS_BOUND_MB,
         "large_sps": c["samples_per_s"], "large_accuracy": c["accuracy"],
         "epochs": args.epochs, "wall_seconds": time.perf_counter() - started,
         "cpus": psutil.cpu_count(), "work_dir": str(work),

@@ -39,11 +39,9 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 
@@ -54,34 +52,8 @@ from specs import parse_spec  # noqa: E402
 from trainers.kd_loss import kd_loss  # noqa: E402
 from trainers.models import MLP  # noqa: E402
 
-
-class PeakMemory:
-    """Peak total RSS of this process and all its descendants (Ray's processes included)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+sys.path.insert(0, str(ROOT / "bench"))
+from memory import PeakMemory  # noqa: E402
 
 
 def load_data(data_dir: str, samples: int):
