@@ -105,6 +105,7 @@ class DistillEngine:
         config = deepspeed_config(
             spec, micro_batch=micro_batch, world_size=world_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip,
+            params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         )
         # DeepSpeed places the model on its accelerator's device number `device_rank` (LOCAL_RANK
         # otherwise, which need not be this worker's GPU index)

@@ -74,6 +74,10 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
     if spec.deterministic:  # CPU kernels are; an op without a deterministic one only warns
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # torch would then also fill every new tensor's memory with NaN, a guard against reads
+        # of uninitialised memory that costs a write per allocation (DeepSpeed allocates its
+        # gradient buckets every step); nothing here reads memory it has not written
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
     student = req.stage == "student"
     section = spec.student if student else spec.teacher
