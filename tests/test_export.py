@@ -295,3 +295,27 @@ def test_bad_files_are_refused_with_a_clear_error(tmp_path):
     assert json.loads(meta["architecture"]) == arch
     with pytest.raises(ExportFormatError, match="no such file"):
         load_compressed(tmp_path / "missing.safetensors")
+
+
+def test_the_header_is_canonical_whatever_order_safetensors_wrote(tmp_path):
+    """safetensors writes metadata keys in a per-process random order; the compact file's header
+    is rewritten sorted, so the same content is the same bytes, and it still loads."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from trainers.export import canonical_header_
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
+    metadata = {"runtime": "fp32", "architecture": json.dumps({"kind": "mlp"}), "layout": "{}"}
+    paths = []
+    for i, order in enumerate([list(metadata), list(reversed(metadata))]):
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, str(path), metadata={k: metadata[k] for k in order})
+        canonical_header_(path)
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    size = int.from_bytes(paths[0].read_bytes()[:8], "little")
+    assert list(json.loads(paths[0].read_bytes()[8:8 + size])["__metadata__"]) == sorted(metadata)
+    loaded = load_file(str(paths[0]))
+    assert torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["b"], tensors["b"])

@@ -103,8 +103,29 @@ def write_compressed(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
+    canonical_header_(tmp)
     tmp.replace(path)  # a reader never sees half a file
     return layout
+
+
+def canonical_header_(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with its `__metadata__` keys sorted.
+
+    safetensors keeps the metadata in a Rust HashMap, whose order is random per process: the
+    same tensors and metadata written by two processes differ in their header bytes. Sorted,
+    the same content gives the same file. The header is re-serialized compactly, as safetensors
+    writes it, so its length and every tensor's offset stay as they are (checked)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise ValueError(f"{path}: the canonical header is longer than the written one")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces
 
 
 def read_compressed(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
