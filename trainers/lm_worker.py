@@ -35,6 +35,7 @@ from trainers.lm_job import job_model
 from trainers.lm_losses import IGNORE_INDEX, next_token_labels
 from trainers.lm_teacher import pack_blocks, perplexity, token_scores, unpack_topk
 from trainers.locks import WORKERS_LOCK, shared_lock
+from trainers.progress import Progress
 from trainers.plan import Phase, cosine_lr, student_phases, teacher_phases
 from trainers.teacher_pool import TeacherPoolClient
 from trainers.text_data import TextDataset
@@ -43,7 +44,6 @@ from trainers.tracking import Tracker
 from trainers.worker import (
     StageRequest,
     _epoch_ledger,
-    _print0,
     _resume,
     commit_phase,
     phase_state,
@@ -68,8 +68,10 @@ def lm_train_worker(config: dict) -> None:
     done = checkpoint.complete_checkpoints(root, [p.name for p in phases])
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
     model, init = job_model(spec, req.stage, Path(req.run_dir), resumed=bool(done))
+    # rank 0's news reach the driver's console through the progress board, as for images
+    progress = Progress(req.progress, rank, req.stage)
     if init is not None:
-        _print0(f"[{req.stage}] initialised from {init['teacher_dir']}: blocks {init['layers']}, "
+        progress.note(f"[{req.stage}] initialised from {init['teacher_dir']}: blocks {init['layers']}, "
                 f"{init['copied']} tensors copied")
     engine = DistillEngine(
         model, spec, lr=section.lr, micro_batch=section.batch_size,
@@ -100,7 +102,7 @@ def lm_train_worker(config: dict) -> None:
         for phase in todo:
             global_step = _run_phase(engine, spec, phase, data, client, cache, source, tracker,
                                      root, rank, world, global_step, stage=req.stage,
-                                     total_phases=len(phases), init=init)
+                                     total_phases=len(phases), init=init, progress=progress)
             init = None  # recorded with the first phase trained
     finally:
         tracker.finish()
@@ -110,7 +112,7 @@ def _run_phase(
     engine: DistillEngine, spec: JobSpec, phase: Phase, data: TextDataset,
     client: TeacherPoolClient | None, cache: TokenCache | None, source, tracker: Tracker,
     root: Path, rank: int, world: int, global_step: int, *, stage: str, total_phases: int,
-    init: dict | None = None,
+    init: dict | None = None, progress: Progress,
 ) -> int:
     section = spec.student if stage == "student" else spec.teacher
     threshold = engine.prune_to(phase.target_sparsity) if phase.kind == "prune" else None
@@ -153,7 +155,7 @@ def _run_phase(
         losses += epoch_losses
         ledger.append(_epoch_ledger(epoch, epoch_samples, ids_hash, world))
         elapsed = time.perf_counter() - epoch_start
-        _print0(
+        progress.note(
             f"[{stage}] {phase.name} ({phase.index + 1}/{total_phases}) epoch {epoch + 1}/"
             f"{phase.epochs}: loss {np.mean(epoch_losses) if epoch_losses else float('nan'):.4f}, "
             f"{epoch_tokens * world / max(elapsed, 1e-9):,.0f} tokens/s"
@@ -185,7 +187,7 @@ def _run_phase(
                      "eval/tokens_per_s": meta["tokens_per_s"]}
     commit_phase(engine, root, phase, stage, meta, all_weights, phase_metrics, wandb_rows,
                  tracker, rank)
-    _print0(
+    progress.note(
         f"[{stage}] {phase.name} done: perplexity {ppl:.3f}, next-token accuracy "
         f"{accuracy:.4f}, sparsity {meta['sparsity']:.4f}, {model_nonzero:,}/{model_total:,} "
         f"nonzero, {meta['tokens_per_s']:,.0f} tokens/s, {wall:.1f}s"
