@@ -67,14 +67,18 @@ def test_cache_is_rebuilt_for_a_new_teacher_and_topk_trains_like_full_logits(
     weights = load_file(str(teacher_file))
     weights["net.4.bias"] = weights["net.4.bias"] + 0.5
     changed = save(weights)
+    changed_file = tmp_path / "changed-teacher.safetensors"  # the fill's actors load a file
+    changed_file.write_bytes(changed)
     spec = parse_spec(digits_spec(1, group="cache", teacher=same, logits={
         "mode": "cached", "cache_dir": str(tmp_path / "cache")}))
     data = load_dataset(spec.data, None, spec.seed)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
-        root, key = _logit_cache(spec, changed, data, tmp_path / "changed")
+        root, key = _logit_cache(spec, changed_file, changed, data, tmp_path / "changed",
+                                 frozenset())
         # the unchanged teacher still finds its cache (and leaves it as it was), from a bf16 spec
-        assert _logit_cache(spec, Path(teacher_file).read_bytes(), data, tmp_path)[1] == caches[0].name
+        assert _logit_cache(spec, teacher_file, teacher_file.read_bytes(), data, tmp_path,
+                            frozenset())[1] == caches[0].name
         assert manifest.stat().st_mtime_ns == written_at
     finally:
         ray.shutdown()
