@@ -81,7 +81,7 @@ def lm_train_worker(config: dict) -> None:
 
     # held while this worker lives: a new driver for this run dir waits until it has gone
     workers_lock = shared_lock(Path(req.run_dir) / WORKERS_LOCK)  # noqa: F841
-    global_step = _resume(engine, root, done[-1], world) if done else 0
+    global_step = _resume(engine, root, done[-1], world, progress) if done else 0
     todo = phases[len(done):]
 
     tracker = Tracker(None)
