@@ -491,7 +491,9 @@ class PruningSpec(Strict):
     rounds: int = Field(3, ge=1, le=100)
     finetune_epochs: int = Field(2, ge=0, description="distillation epochs after each prune")
     schedule: ScheduleSpec = Field(default_factory=lambda: GeometricSchedule(kind="geometric"))
-    layers: Literal["all"] | list[Annotated[str, Field(min_length=1)]] | LayerSelection = Field(
+    layers: (Literal["all"]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+             | LayerSelection) = Field(
         "all", description="which Linear/Conv layers are pruned: `all`, a list of module names "
         "or glob patterns (as in `model.named_modules()`), or `{include: [...], exclude: [...]}`"
     )

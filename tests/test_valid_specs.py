@@ -60,6 +60,7 @@ REGRESSIONS = {
                                             "`pruning.target_sparsity`"),
     "digits resized past what memory holds": ({"data": {"kind": "digits", "image_size": [4096, 4096]}},
                                               "`data.image_size`"),
+    "an empty list of layers to prune": ({"pruning": {"layers": []}}, "pruning.layers"),
     "a parquet glob that matches a file that is not parquet": (
         {"data": {"kind": "parquet", "train": str(ROOT / "README.md"),
                   "test": str(ROOT / "README.md")}}, "`data.train`"),
@@ -116,7 +117,10 @@ def test_regressions_are_refused_with_their_paths(tmp_path):
 GENERATED: list = []
 
 
+# The same specs on every run, so that CI's verdict does not depend on the draw; set
+# STILLHOUSE_EXPLORE_SPECS=1 to draw new ones (how the regression cases above were found).
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
+          derandomize=not os.environ.get("STILLHOUSE_EXPLORE_SPECS"),
           suppress_health_check=list(HealthCheck))
 @given(valid_specs())
 def _collect(spec):
