@@ -147,7 +147,7 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
     from orchestrator.report import format_table, publish_report, student_report
     from trainers import checkpoint
     from trainers.models import count_params
-    from trainers.plan import TEACHER_CHECKPOINT, student_phases
+    from trainers.plan import TEACHER_CHECKPOINT
     from trainers.teacher_pool import TeacherPool
     from trainers.teacher_server import load_teacher
     from trainers.worker import StageRequest, stage_tracker
@@ -209,23 +209,14 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
             pool.shutdown()
 
         # 3. student: dense distillation and pruning rounds, one worker group --------------
-        phases = student_phases(spec)
-        names = [p.name for p in phases]
-        done = checkpoint.complete_checkpoints(ckpt_root, names)
-        if len(done) == len(names):
-            _say("stage 3/4 student: every phase done in an earlier run, skipped")
-            stage_tracker(spec, run_path, "student", names, False, ids, tracker.mode).finish()
+        if spec.pruning.enabled:
+            plan = (f"dense distillation, then {spec.pruning.rounds} pruning rounds to "
+                    f"{spec.pruning.target_sparsity:.0%} sparsity")
         else:
-            if done:
-                _say(f"stage 3/4 student: resuming after {done[-1]} "
-                     f"({len(done)} of {len(names)} phases done)")
-            elif spec.pruning.enabled:
-                _say(f"stage 3/4 student: dense distillation, then {spec.pruning.rounds} "
-                     f"pruning rounds to {spec.pruning.target_sparsity:.0%} sparsity")
-            else:
-                _say("stage 3/4 student: dense distillation (pruning disabled)")
-            _fit(spec, run_path, request("student", teacher_replicas=pool.replicas or None,
-                                         logit_cache=logit_cache))
+            plan = "dense distillation (pruning disabled)"
+        names = student_stage(spec, run_path, ids, tracker, _say, plan, lambda: _fit(
+            spec, run_path, request("student", teacher_replicas=pool.replicas or None,
+                                    logit_cache=logit_cache)))
         if serving:
             replica_stats = pool.stats()
     finally:
@@ -266,6 +257,31 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
         _say(f"warning: {warning}")
     print(format_table(report), flush=True)
     return report
+
+
+def student_stage(spec: JobSpec, run_path: Path, ids: dict, tracker, say, plan: str,
+                  fit_student) -> list[str]:
+    """Stage 3, for image and language-model jobs: the student's phase names, after training
+    those not committed yet (`fit_student()`, one worker group). Says what it does: `plan` on
+    a first run, where it resumes, or that an earlier run did it all (whose W&B run then gets
+    its summary and closes)."""
+    from trainers import checkpoint
+    from trainers.plan import student_phases
+    from trainers.worker import stage_tracker
+
+    names = [p.name for p in student_phases(spec)]
+    done = checkpoint.complete_checkpoints(run_path / "checkpoints", names)
+    if len(done) == len(names):
+        say("stage 3/4 student: every phase done in an earlier run, skipped")
+        stage_tracker(spec, run_path, "student", names, False, ids, tracker.mode).finish()
+        return names
+    if done:
+        say(f"stage 3/4 student: resuming after {done[-1]} "
+            f"({len(done)} of {len(names)} phases done)")
+    else:
+        say(f"stage 3/4 student: {plan}")
+    fit_student()
+    return names
 
 
 def _fit(spec: JobSpec, run_path: Path, request) -> None:

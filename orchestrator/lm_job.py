@@ -54,7 +54,8 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
         LMTeacherReplica, bytes_per_position, perplexity, server_fingerprint,
     )
     from trainers.models import count_params
-    from trainers.plan import TEACHER_CHECKPOINT, student_phases
+    from orchestrator.job import student_stage
+    from trainers.plan import TEACHER_CHECKPOINT
     from trainers.teacher_pool import TeacherPool
     from trainers.worker import StageRequest, stage_tracker
 
@@ -115,25 +116,14 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
                          "cache/file_bytes": cache_info["file_bytes"]})
 
         # 3. student: dense distillation and pruning rounds, one worker group --------------
-        phases = student_phases(spec)
-        names = [p.name for p in phases]
-        done = checkpoint.complete_checkpoints(ckpt_root, names)
-        if len(done) == len(names):
-            say("stage 3/4 student: every phase done in an earlier run, skipped")
-            stage_tracker(spec, run_path, "student", names, False, ids, tracker.mode).finish()
-        else:
-            if done:
-                say(f"stage 3/4 student: resuming after {done[-1]} "
-                    f"({len(done)} of {len(names)} phases done)")
-            elif spec.pruning.enabled:
-                say(f"stage 3/4 student: dense token-level distillation ({spec.distillation.kind})"
-                    f", then {spec.pruning.rounds} pruning rounds to "
+        if spec.pruning.enabled:
+            plan = (f"dense token-level distillation ({spec.distillation.kind}), then "
+                    f"{spec.pruning.rounds} pruning rounds to "
                     f"{spec.pruning.target_sparsity:.0%} sparsity")
-            else:
-                say(f"stage 3/4 student: dense token-level distillation "
-                    f"({spec.distillation.kind}; pruning disabled)")
-            fit(spec, run_path, request("student", teacher_replicas=pool.replicas,
-                                        logit_cache=cache))
+        else:
+            plan = f"dense token-level distillation ({spec.distillation.kind}; pruning disabled)"
+        names = student_stage(spec, run_path, ids, tracker, say, plan, lambda: fit(
+            spec, run_path, request("student", teacher_replicas=pool.replicas, logit_cache=cache)))
         if cache is None:
             replica_stats = pool.stats()
     finally:
