@@ -54,7 +54,7 @@ def lm_stages(spec: JobSpec, data, run_path: Path, teacher_model, tracker, ids: 
         LMTeacherReplica, bytes_per_position, perplexity, server_fingerprint,
     )
     from trainers.models import count_params
-    from orchestrator.job import student_stage
+    from orchestrator.stages import student_stage
     from trainers.plan import TEACHER_CHECKPOINT
     from trainers.teacher_pool import TeacherPool
     from trainers.worker import StageRequest, stage_tracker
