@@ -116,6 +116,7 @@ def _all_reduce_worker(rank: int, port: int, numel: int, repeats: int, out) -> N
         dist.all_reduce(grads)
     if rank == 0:
         out.put((time.perf_counter() - started) / repeats * 1e3)
+    dist.barrier()  # no rank tears the gloo pair down while its peer still uses it
     dist.destroy_process_group()
 
 

@@ -185,6 +185,9 @@ def _partitioned_snap(rank: int, world: int, port: int, out: str) -> None:
         torch.save({"module": {n: p.detach() for n, p in model.named_parameters() if n in masks},
                     "masters": {n: masters[id(p)] for n, p in model.named_parameters()
                                 if n in masks}}, out)
+        # every rank done with the group before it closes: gloo aborts a process ("terminate
+        # called without an active exception") whose peer tears the pair down under it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -67,6 +67,7 @@ def _rank_main(rank: int, port: int, out_dir: str, gpus: int = 0) -> None:
                             precision, gpus)
             Path(out_dir, f"{persistence}-{precision}-rank{rank}.json").write_text(
                 json.dumps(result))
+        dist.barrier()  # no rank tears the gloo pair down while its peer still uses it
     finally:
         dist.destroy_process_group()
 
