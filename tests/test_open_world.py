@@ -6,6 +6,7 @@ them, each a clear error with exit status 2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,9 @@ def _parquet_job(tmp_path: Path, teacher: dict, arrays: bool, mode: str) -> tupl
                       "student_cpus": 0.5},
         "wandb": {"mode": "disabled"},
     }
+    if mode == "cached":  # the fill's pool of teachers holds every CPU of the embedded cluster
+        # (os.cpu_count() of them): reading the shards must not wait for a CPU of its own
+        spec["resources"].update(teacher_replicas=2, teacher_cpus=(os.cpu_count() or 1) / 2)
     run_dir = tmp_path / "run"
     result = run_cli(["run", str(write_spec(tmp_path, spec)), "--run-dir", str(run_dir)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

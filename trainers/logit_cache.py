@@ -286,9 +286,20 @@ def fill_cache(spec, teacher_path: str | Path, data, root: Path, key: str,
     context.execution_options.preserve_order = True  # rows in the order they are read
     context.enable_progress_bars = False
     if data.streamed:
-        shards = [str(Path(data.folder) / s["file"]) for s in data.manifest["train"]]
-        source = ray.data.read_parquet(shards, columns=["id", "image"],
-                                       ray_remote_args={"num_cpus": 0})
+        # one block per prepared shard, read by a task of zero CPUs: the teachers' actor pool
+        # may hold every CPU (read_parquet's own listing and read tasks ask for one, and would
+        # wait for a CPU the pool never frees)
+        from trainers.image_sources import read_shard
+
+        shape = tuple(data.image_shape)
+        source = ray.data.from_items([{"file": str(Path(data.folder) / s["file"])}
+                                      for s in data.manifest["train"]])
+
+        def shard_rows(batch: dict) -> dict:
+            ids, images, _ = read_shard(Path(str(batch["file"][0])), shape)
+            return {"id": ids, "image": images}
+
+        source = source.map_batches(shard_rows, batch_size=1, batch_format="numpy", num_cpus=0)
     else:
         # several blocks, so every actor of the pool gets work
         n = len(data.x_train)
