@@ -134,6 +134,7 @@ def main() -> None:
     from trainers.models import MLP
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="open-world-"))
+    work.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve())
     started = time.perf_counter()
 
