@@ -20,7 +20,8 @@ from trainers.data import (
     DataError, augment_batch, channel_stats, ids_multiset_hash, load_digits, sample_random_bits,
 )
 from trainers.image_sources import (
-    FORMAT, MANIFEST, StreamedData, decode_image, list_source, rank_ranges, steps_per_epoch,
+    FORMAT, MANIFEST, StreamedData, decode_image, image_cells, list_source, rank_ranges,
+    steps_per_epoch,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,8 @@ def _prepared(tmp_path: Path, sizes: list[int]) -> StreamedData:
     for i, size in enumerate(sizes):
         part = ids[start:start + size]
         start += size
-        pixels = pa.array(np.repeat(part % 256, 4).astype(np.uint8))
-        table = pa.table({"id": part, "label": part % 3,
-                          "image": pa.FixedSizeListArray.from_arrays(pixels, 4)})
+        pixels = np.repeat(part % 256, 4).astype(np.uint8).reshape(size, 4)
+        table = pa.table({"id": part, "label": part % 3, "image": image_cells(pixels)})
         pq.write_table(table, tmp_path / f"s{i}.parquet")
         shards.append({"file": f"s{i}.parquet", "rows": size})
     manifest = {"format": FORMAT, "key": "k", "image_shape": [1, 2, 2], "classes": ["a", "b", "c"],

@@ -44,7 +44,10 @@ import numpy as np
 from specs.job import ImageFolderData, ParquetData
 from trainers.data import DataError, normalize, normalization_stats, pad_value
 
-FORMAT = "stillhouse-prepared-v1"
+# v2: each image one fixed-size binary cell (C*H*W uint8 bytes), LZ4, no dictionary. v1's list
+# of uint8 took 9x longer to decode (132 against 14 ms for 10k MNIST rows), on the core the
+# training step needs.
+FORMAT = "stillhouse-prepared-v2"
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -383,7 +386,6 @@ class _Decoder:
         return decode_image(data, self.channels, None if self.fixed else self.size, where)
 
     def __call__(self, batch: dict) -> dict:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         ids, labels, images = [], [], []
@@ -410,7 +412,7 @@ class _Decoder:
         return {
             "id": np.asarray(ids, dtype=np.int64),
             "label": np.asarray(labels, dtype=np.int64),
-            "image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+            "image": image_cells(flat),
         }
 
 
@@ -468,7 +470,8 @@ def prepare(spec: ParquetData | ImageFolderData, data_dir: str | None, cache_roo
             ds = ds.random_shuffle(seed=int(listing.key[:8], 16))
         out = staging / split
         try:
-            ds.write_parquet(str(out), min_rows_per_file=spec.shard_rows)
+            ds.write_parquet(str(out), min_rows_per_file=spec.shard_rows, compression="lz4",
+                             use_dictionary=False)
         except Exception as err:  # Ray wraps the decoder's DataError; surface it as bad input
             raise _data_error(err) from None
         shards[split] = _shard_list(out, staging)
@@ -546,13 +549,24 @@ def _manifest(spec, listing: Listing, shards: dict, staging: Path) -> dict:
 # --------------------------------------------------------------------------------------- reading
 
 
+def image_cells(flat: np.ndarray):
+    """The prepared shards' image column: one fixed-size binary cell per row of `flat` (n, C*H*W)
+    uint8."""
+    import pyarrow as pa
+
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(flat.shape[1]), len(flat),
+                                                [None, pa.py_buffer(np.ascontiguousarray(flat))])
+
+
 def read_shard(path: Path, image_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids (n,), images (n, C, H, W) uint8, labels (n,)) of one prepared shard, memory-mapped."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(str(path), memory_map=True)
-    images = table.column("image").combine_chunks()
-    pixels = images.flatten().to_numpy(zero_copy_only=False)
+    table = pq.ParquetFile(str(path), memory_map=True).read()
+    images = table.column("image").combine_chunks()  # fixed-size binary: one buffer of bytes
+    width = images.type.byte_width
+    pixels = np.frombuffer(images.buffers()[1], dtype=np.uint8, count=len(images) * width,
+                           offset=images.offset * width)  # read-only, no copy
     return (table.column("id").to_numpy(), pixels.reshape(len(images), *image_shape),
             table.column("label").to_numpy())
 
