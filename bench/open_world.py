@@ -15,8 +15,10 @@ Not a test. In one run, on full MNIST (`--data-dir` holding `mnist/`):
 
     .venv/bin/python bench/open_world.py --data-dir ../shared/data --json bench/results/ow.json
 
-JSON keys: inmemory_sps, streamed_sps, ratio (streamed / in-memory, goal >= 0.8),
-inmemory_accuracy, streamed_accuracy (goal: within 0.2 pt), prepare_seconds, large_rows,
+JSON keys: inmemory_sps, streamed_sps (means over --repeats alternating pairs), ratio (the mean
+of the pairs' streamed / in-memory, goal >= 0.8) and ratio_sd,
+inmemory_accuracy, streamed_accuracy (goal: within 0.2 pt), streamed_job_wall_s (the first
+streamed job, the parquet copy's preparation included), large_rows,
 large_bytes, object_store_bytes, large_peak_rss_mb (the largest process), rss_bound_mb,
 large_sps, and the settings.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -122,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="in-memory and streamed jobs run alternately this many times")
     parser.add_argument("--copies", type=int, default=7, help="MNIST copies in the large source")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--work-dir", type=Path)
@@ -159,20 +164,26 @@ def main() -> None:
     teacher_spec = {"kind": "checkpoint", "model": {"kind": "mlp", "hidden": [1200, 1200]},
                     "path": str(teacher_file)}
 
-    # 1. in memory against streamed, the same job
+    # 1. in memory against streamed, the same job, alternately `--repeats` times (this VM's
+    # speed drifts by tens of percent between minutes: one pair alone can mislead)
     inmemory = parse_spec(job_spec("ow-inmemory", {"kind": "mnist"}, teacher_spec, args.epochs,
                                    work))
-    run_job(inmemory, data_dir=data_dir, run_dir=str(work / "inmemory"))
     pq_dir = write_mnist_parquet(data_dir, work / "mnist-parquet")
     streamed_data = {"kind": "parquet", "train": str(pq_dir / "train-*.parquet"),
                      "test": str(pq_dir / "test-*.parquet"),
                      "normalize": {"mean": [0.1307], "std": [0.3081]},
                      "cache_dir": str(work / "prepared")}
     streamed = parse_spec(job_spec("ow-streamed", streamed_data, teacher_spec, args.epochs, work))
-    t0 = time.perf_counter()
-    run_job(streamed, data_dir=data_dir, run_dir=str(work / "streamed"))
-    streamed_wall = time.perf_counter() - t0  # the parquet copy's preparation included
-    a, b = dense_phase(work / "inmemory"), dense_phase(work / "streamed")
+    pairs, first_streamed_wall = [], None
+    for r in range(args.repeats):
+        run_job(inmemory, data_dir=data_dir, run_dir=str(work / f"inmemory-{r}"))
+        t0 = time.perf_counter()
+        run_job(streamed, data_dir=data_dir, run_dir=str(work / f"streamed-{r}"))
+        if first_streamed_wall is None:  # the parquet copy's preparation included
+            first_streamed_wall = time.perf_counter() - t0
+        pairs.append((dense_phase(work / f"inmemory-{r}"), dense_phase(work / f"streamed-{r}")))
+    a, b = pairs[0]  # accuracies: the same in every repeat (deterministic jobs)
+    ratios = [s["samples_per_s"] / m["samples_per_s"] for m, s in pairs]
 
     # 2. a streamed source 4x the object store, in a cluster with the smallest store
     import ray
@@ -192,11 +203,17 @@ def main() -> None:
     c = dense_phase(work / "large-run")
 
     out = {
-        "inmemory_sps": a["samples_per_s"], "streamed_sps": b["samples_per_s"],
-        "ratio": b["samples_per_s"] / a["samples_per_s"],
+        "inmemory_sps": statistics.mean(m["samples_per_s"] for m, _ in pairs),
+        "streamed_sps": statistics.mean(s["samples_per_s"] for _, s in pairs),
+        "ratio": statistics.mean(ratios),
+        "ratio_sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+        "ratios": ratios,
+        "inmemory_sps_each": [m["samples_per_s"] for m, _ in pairs],
+        "streamed_sps_each": [s["samples_per_s"] for _, s in pairs],
+        "accuracies_each": [[m["accuracy"], s["accuracy"]] for m, s in pairs],
         "inmemory_accuracy": a["accuracy"], "streamed_accuracy": b["accuracy"],
         "accuracy_gap_pt": 100 * abs(a["accuracy"] - b["accuracy"]),
-        "streamed_job_wall_s": streamed_wall,
+        "streamed_job_wall_s": first_streamed_wall,
         "large_rows": large_rows, "large_bytes": large_bytes, "object_store_bytes": STORE_BYTES,
         "large_over_store": large_bytes / STORE_BYTES,
         "large_peak_rss_mb": peak.peak_one / 2**20, "large_peak_process": peak.who,
