@@ -7,15 +7,21 @@ minutes on two CPU cores.
 The jobs are the example specs, run through `orchestrator.job.run_job` (command-line options
 below override their fields):
 
-1. `distilled` (`examples/mnist-lenet300.yaml`): trains the teacher (LeNet-5 on shifted images,
-   `teacher.augment`), distils LeNet-300-100 from the teacher's cached logits of the images as
-   stored, prunes it round by round with distilled fine-tuning, then fine-tunes the k-means
-   shared weights (`quantization.method: kmeans`) and writes the compact file;
+1. `distilled` (`examples/mnist-lenet300.yaml`): trains the teacher (LeNet-5 on images shifted
+   by up to 2 pixels, `data.augment`), distils LeNet-300-100 from the teacher's answers (online
+   in that spec: the teacher sees each shifted batch the student sees), prunes it round by round
+   with distilled fine-tuning, then fine-tunes the k-means shared weights
+   (`quantization.method: kmeans`) and writes the compact file;
 2. `alone`: the same spec with `distillation.alpha: 0` (cross-entropy only: the same epochs,
-   learning rate, seed, data order and images), pruning and quantization off, and the teacher
-   loaded from job 1's file (trained once per seed; it is only scored);
-3. `lenet5` (`examples/mnist-lenet5.yaml`): LeNet-5 distilled from job 1's teacher (the same logit
-   cache: same teacher, same data), pruned and weight-shared by its own schedule
+   learning rate, seed and data order) and *without* `data.augment`, pruning and quantization
+   off, and the teacher loaded from job 1's file (trained once per seed; it is only scored).
+   This is the student "trained alone" of Hinton et al. (2015): no regularisation, unshifted
+   images, and the one the gap closed is measured against;
+2b. `alone-shifted` (only when job 1's spec shifts its images): job 2 with job 1's
+   `data.augment`, so that the share of the gain that the shifted images alone give is measured
+   beside the share of distillation (`student_alone_shifted_error`, `gap_closed_vs_shifted`);
+3. `lenet5` (`examples/mnist-lenet5.yaml`): LeNet-5 distilled from job 1's teacher (its logits
+   cached once: same teacher, images as stored), pruned and weight-shared by its own schedule
    (`--skip-lenet5` leaves it out).
 
 All jobs of an invocation share one embedded Ray cluster. Each seed (`--seeds N` seeds from
@@ -51,10 +57,16 @@ always wrote, and hold the first seed's figures; `_mean`, `_sd` and `_se` keys a
     seeds                    the seeds run
     teacher_error            test error of the teacher (first seed), a fraction of the test set;
                              teacher_error_mean, _sd, _se over the seeds
-    student_alone_error      LeNet-300-100 trained alone (cross-entropy only); also _mean, _sd, _se
+    student_alone_error      LeNet-300-100 trained alone (cross-entropy only, unshifted images);
+                             also _mean, _sd, _se
+    student_alone_shifted_error
+                             the same on job 1's shifted images (job 2b); also _mean, _sd, _se;
+                             absent when job 1 does not shift its images
     student_distilled_error  LeNet-300-100 distilled (dense, before pruning); also _mean, _sd, _se
     gap_closed               (alone - distilled) / (alone - teacher) of the mean errors;
                              gap_closed_per_seed: the same per seed
+    gap_closed_vs_shifted    the same against the student alone on shifted images (job 2b):
+                             what distillation adds over the shifts alone
     pruned                   LeNet-300-100, one entry per pruning round, in order:
                                round, target_sparsity
                                sparsity         share of zero weights among the prunable weights
@@ -190,11 +202,20 @@ def _teacher_from(job1: dict, teacher_file: Path) -> dict:
     return {"kind": "checkpoint", "model": job1["teacher"]["model"], "path": str(teacher_file)}
 
 
-def alone_spec(job1: dict, teacher_file: Path) -> dict:
-    """Job 2: job 1's student, epochs and data, cross-entropy only (the teacher's weight is 0)."""
+def shifts_images(job1: dict) -> bool:
+    """Whether job 1's student trains on augmented images (`data.augment` switched on)."""
+    augment = job1.get("data", {}).get("augment") or {}
+    return bool(augment.get("random_crop_padding", 0) or augment.get("hflip", False))
+
+
+def alone_spec(job1: dict, teacher_file: Path, *, shifted: bool = False) -> dict:
+    """Job 2: job 1's student, epochs and data, cross-entropy only (the teacher's weight is 0),
+    on the images as stored; `shifted` (job 2b) keeps job 1's `data.augment`."""
     raw = json.loads(json.dumps(job1))
-    raw["name"] = job1["name"].replace("distilled", "alone")
+    raw["name"] = job1["name"].replace("distilled", "alone-shifted" if shifted else "alone")
     raw["teacher"] = _teacher_from(job1, teacher_file)
+    if not shifted:
+        raw["data"].pop("augment", None)
     raw["distillation"] = {**raw.get("distillation", {}), "alpha": 0.0, "features": []}
     raw["pruning"] = {"enabled": False}
     raw["quantization"] = {"method": "none"}
@@ -290,8 +311,8 @@ def _pt(error: float, reference: float) -> float:
     return round(100.0 * (error - reference), 4)
 
 
-def seed_result(seed: int, distilled: dict, alone: dict, lenet5: dict | None, files: dict,
-                walls: dict, run_dirs: dict) -> dict:
+def seed_result(seed: int, distilled: dict, alone: dict, alone_shifted: dict | None,
+                lenet5: dict | None, files: dict, walls: dict, run_dirs: dict) -> dict:
     """One seed's figures (the keys a one-seed run always wrote)."""
     def rounds(report: dict) -> list[dict]:
         return [{"round": r["round"], "target_sparsity": r["target_sparsity"],
@@ -313,6 +334,11 @@ def seed_result(seed: int, distilled: dict, alone: dict, lenet5: dict | None, fi
             "candidates": files["lenet300"]}},
         "job_wall_seconds": walls, "run_dirs": run_dirs,
     }
+    if alone_shifted is not None:
+        shifted = error_of(alone_shifted["dense_student"]["accuracy"])
+        result["student_alone_shifted_error"] = shifted
+        result["gap_closed_vs_shifted"] = (round((shifted - dense) / (shifted - teacher), 4)
+                                           if shifted != teacher else None)
     if lenet5 is not None:
         result["lenet5_pruned"] = rounds(lenet5)
         result["compression"]["lenet5"] = {
@@ -362,6 +388,15 @@ def summarise(per_seed: list[dict], wall: float, load: list[float], config: dict
     t, a, d = (stats[f"{k}_mean"] for k in ("teacher_error", "student_alone_error",
                                              "student_distilled_error"))
     gap = round((a - d) / (a - t), 4) if a != t else None
+    shifted = {}
+    if "student_alone_shifted_error" in first:
+        shifted = _stats([s["student_alone_shifted_error"] for s in per_seed],
+                         "student_alone_shifted_error")
+        sa = shifted["student_alone_shifted_error_mean"]
+        shifted = {"student_alone_shifted_error": first["student_alone_shifted_error"], **shifted,
+                   "gap_closed_vs_shifted": round((sa - d) / (sa - t), 4) if sa != t else None,
+                   "gap_closed_vs_shifted_per_seed": [s["gap_closed_vs_shifted"]
+                                                      for s in per_seed]}
     pruned = _rounds_over_seeds(per_seed, "pruned", d)
     compression, files = {}, []
     best_sparsity = {"lenet300": _best_sparsity(pruned)}
@@ -399,6 +434,7 @@ def summarise(per_seed: list[dict], wall: float, load: list[float], config: dict
         **stats,
         "gap_closed": gap,
         "gap_closed_per_seed": [s["gap_closed"] for s in per_seed],
+        **shifted,
         "pruned": pruned,
         **({"lenet5_pruned": lenet5_pruned} if lenet5_pruned is not None else {}),
         "sparsity_within_0_1pt": best_sparsity,
@@ -464,6 +500,11 @@ def format_table(result: dict) -> str:
     out.append(f"LeNet-300-100 distilled     {_mean_sd(result, 'student_distilled_error')}")
     out.append(f"gap closed (of the means)   {100 * result['gap_closed']:.0f}%  per seed "
                + ", ".join(f"{100 * g:.0f}%" for g in result["gap_closed_per_seed"]))
+    if "gap_closed_vs_shifted" in result:
+        out.append(f"LeNet-300-100 alone, shifted {_mean_sd(result, 'student_alone_shifted_error')}")
+        out.append(f"gap closed vs alone shifted {100 * result['gap_closed_vs_shifted']:.0f}%  "
+                   "per seed " + ", ".join(f"{100 * g:.0f}%"
+                                           for g in result["gap_closed_vs_shifted_per_seed"]))
     for key, label in (("pruned", "LeNet-300-100"), ("lenet5_pruned", "LeNet-5")):
         if key not in result:
             continue
@@ -569,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     specs1 = {s: parse_spec(job1[s], source=f"bench job 1 (seed {s})") for s in seeds}
     placeholder = base / "teacher.safetensors"
     parse_spec(alone_spec(job1[seeds[0]], placeholder), source="bench job 2")
+    with_shifted = shifts_images(job1[seeds[0]])
+    if with_shifted:
+        parse_spec(alone_spec(job1[seeds[0]], placeholder, shifted=True), source="bench job 2b")
     if not args.skip_lenet5:
         parse_spec(lenet5_spec(args, seeds[0], job1[seeds[0]], placeholder), source="bench job 3")
     data = load_dataset(specs1[seeds[0]].data, args.data_dir, seeds[0])
@@ -578,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     with embedded_cluster(specs1[seeds[0]]):  # one local Ray cluster for every job
         for i, seed in enumerate(seeds):
-            run_dirs = {k: str(base / f"seed-{seed}" / k) for k in ("distilled", "alone", "lenet5")}
+            run_dirs = {k: str(base / f"seed-{seed}" / k)
+                        for k in ("distilled", "alone", "alone-shifted", "lenet5")}
             walls = {}
 
             def run(key: str, spec, what: str) -> dict:
@@ -597,6 +642,12 @@ def main(argv: list[str] | None = None) -> int:
             teacher_file = Path(run_dirs["distilled"]) / "checkpoints" / "teacher" / "model.safetensors"
             alone = run("alone", parse_spec(alone_spec(job1[seed], teacher_file), source="job 2"),
                         "job 2/3 LeNet-300-100 alone")
+            alone_shifted = None
+            if with_shifted:
+                alone_shifted = run(
+                    "alone-shifted",
+                    parse_spec(alone_spec(job1[seed], teacher_file, shifted=True), source="job 2b"),
+                    "job 2b/3 LeNet-300-100 alone, shifted images")
             files = {"lenet300": file_candidates(distilled, Path(run_dirs["distilled"]), data)}
             lenet5 = None
             if not args.skip_lenet5:
@@ -605,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                 lenet5 = run("lenet5", spec3, f"job 3/3 LeNet-5 distilled, "
                              f"{spec3.pruning.rounds} pruning rounds")
                 files["lenet5"] = file_candidates(lenet5, Path(run_dirs["lenet5"]), data)
-            per_seed.append(seed_result(seed, distilled, alone, lenet5, files, walls, run_dirs))
+            per_seed.append(seed_result(seed, distilled, alone, alone_shifted, lenet5, files,
+                                        walls, run_dirs))
     wall = time.perf_counter() - started
     load.append(round(os.getloadavg()[0], 2))
 
