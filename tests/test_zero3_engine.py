@@ -50,6 +50,7 @@ CONFIGS = [(0, "bf16"), (100_000, "fp32")]  # (param_persistence_threshold, prec
 
 def _rank_main(rank: int, port: int, out_dir: str, gpus: int = 0) -> None:
     """One rank: gloo on the CPU, or (gpus=1, tests/test_gpu.py) NCCL on GPU `rank`."""
+    from spawned_ranks import exit_without_teardown
     from trainers.engine import set_distributed_env
 
     # DeepSpeed's collectives call torch's deprecated names on every step
@@ -70,6 +71,7 @@ def _rank_main(rank: int, port: int, out_dir: str, gpus: int = 0) -> None:
         dist.barrier()  # no rank tears the gloo pair down while its peer still uses it
     finally:
         dist.destroy_process_group()
+    exit_without_teardown()
 
 
 def _check(rank: int, folder: Path, persistence: int, precision: str, gpus: int) -> dict:
