@@ -126,7 +126,9 @@ def _language_model(spec: JobSpec, data_dir: str | None) -> Preflight:
     plan = Preflight(lm.data, None, (lm.data.seq_len,), lm.vocab_size, lm.data.train_rows,
                      teacher_model=lm.teacher, warnings=lm.warnings, rows_are="sequences")
     _batch_fits(spec, plan)
-    if spec.pruning.enabled:
+    if spec.pruning.enabled and spec.pruning.granularity == "channel":
+        _structure_shrinks(spec.pruning, lm.student)
+    elif spec.pruning.enabled:
         try:
             params = prunable_projections(lm.student, spec.pruning)
         except ValueError as err:
@@ -134,6 +136,19 @@ def _language_model(spec: JobSpec, data_dir: str | None) -> Preflight:
         _target_leaves_weights(spec.pruning, params)
     plan.phases = student_phases(spec)
     return plan
+
+
+def _structure_shrinks(pruning, student) -> None:
+    """Structured pruning of a language model: the last round's plan on the fresh student cuts
+    out into a config transformers accepts (GPT-2's heads, for one, cannot be cut out)."""
+    from trainers.hf_models import HFModelError
+    from trainers.lm_pruning import plan_structured, shrunk_config
+
+    try:
+        shrunk_config(student, plan_structured(student, mlp_sparsity=pruning.target_sparsity,
+                                               head_sparsity=pruning.heads, norm=pruning.norm))
+    except HFModelError as err:
+        raise PlanError(f"`pruning.heads` {pruning.heads}: {err}") from None
 
 
 def _data(spec: JobSpec, data_dir: str | None) -> Preflight:

@@ -510,7 +510,16 @@ class PruningSpec(Strict):
     granularity: Literal["weight", "channel"] = Field(
         "weight",
         description="`weight`: single weights by magnitude; `channel`: whole output channels "
-        "(conv filters, hidden units) by their weights' norm, removed from the exported model",
+        "(conv filters, hidden units) by their weights' norm, removed from the exported model; "
+        "for a language model, MLP neurons (`target_sparsity` of each block's) and attention "
+        "groups (`heads`), cut out of the exported Hugging Face model and its config",
+    )
+    heads: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="language models, `granularity: channel`: the share of each block's "
+        "attention groups (a key/value head with the query heads that read it) removed by the "
+        "last round, rounded down to a head count the config accepts; the rounds before remove "
+        "the same fraction of it as of `target_sparsity`",
     )
     norm: Literal["l1", "l2"] = Field(
         "l1", description="channel score: the L1 or L2 norm of its weights over their fan-in"
@@ -555,6 +564,9 @@ class PruningSpec(Strict):
                     f"`schedule.sparsities` ends at {s[-1]}, not `target_sparsity` "
                     f"{self.target_sparsity}"
                 )
+        if self.heads and self.granularity != "channel":
+            raise ValueError("`heads` removes whole attention groups: it needs "
+                             "`granularity: channel`")
         if isinstance(self.schedule, AGPSchedule):
             if self.schedule.initial_sparsity >= self.target_sparsity:
                 raise ValueError(
@@ -964,6 +976,9 @@ class JobSpec(Strict):
             raise ValueError(
                 f"`distillation.kind` {self.distillation.kind} is a token-level loss for "
                 "language models (`data.kind: text`); image classifiers use `hinton`")
+        if self.pruning.heads:
+            raise ValueError("`pruning.heads` removes attention groups of a language model "
+                             "(`data.kind: text`); an image classifier has none")
         if self.distillation.features:
             if isinstance(self.teacher, ExportedTeacher):
                 raise ValueError(
@@ -1033,8 +1048,20 @@ class JobSpec(Strict):
                 "a language model is exported as a Hugging Face directory (`none`) and also "
                 "with int8 weights in the compressed-tensors format (`int8_weights`)")
         if self.pruning.enabled and self.pruning.granularity == "channel":
-            raise ValueError("`pruning.granularity: channel` is for image classifiers; a "
-                             "language model is pruned weight by weight (`granularity: weight`)")
+            pruning = self.pruning
+            if pruning.layers != "all" or pruning.embeddings or pruning.lm_head:
+                raise ValueError(
+                    "`pruning.granularity: channel` of a language model removes MLP neurons and "
+                    "attention groups from every block alike (one config holds their counts): "
+                    "leave `pruning.layers` at `all`, `embeddings` and `lm_head` off")
+            if pruning.scope != "layer":
+                raise ValueError(
+                    "`pruning.scope: global` cannot hold for a language model: every block "
+                    "keeps as many neurons and groups as the others (`scope: layer`)")
+            if self.deepspeed.zero_stage == 3:
+                raise ValueError(
+                    "`pruning.granularity: channel` of a language model scores whole neurons "
+                    "and heads from the gathered weights: not with `deepspeed.zero_stage: 3`")
         if self.pruning.include_bias:
             raise ValueError("`pruning.include_bias` is for image classifiers: a language "
                              "model's projections are pruned by their weights only")

@@ -94,7 +94,14 @@ def test_an_hf_checkpoint_teacher_is_its_directory():
     ({"logits": {"mode": "topk", "top_k": 8}}, ["['top_k']", "`logits.tokens`"]),
     ({"logits": {"mode": "online", "shard_size": 100}}, ["['shard_size']"]),
     ({"quantization": {"method": "dynamic"}}, ["`int8_weights`"]),
-    ({"pruning": {"granularity": "channel"}}, ["`granularity: weight`"]),
+    # structured pruning cuts the same counts out of every block, gathered weights only
+    ({"pruning": {"granularity": "channel", "layers": ["model.layers.0.*"]}},
+     ["leave `pruning.layers` at `all`"]),
+    ({"pruning": {"granularity": "channel", "lm_head": True}}, ["`lm_head` off"]),
+    ({"pruning": {"granularity": "channel", "scope": "global"}}, ["`scope: layer`"]),
+    ({"pruning": {"granularity": "channel"}, "deepspeed": {"zero_stage": 3}},
+     ["`deepspeed.zero_stage: 3`"]),
+    ({"pruning": {"heads": 0.5}}, ["`heads`", "`granularity: channel`"]),
     ({"pruning": {"include_bias": True}}, ["by their weights only"]),
     ({"student__model__task": "sequence_classification"}, ["`student.model.task`",
                                                            "`task: causal_lm`"]),
@@ -123,6 +130,7 @@ def test_image_jobs_refuse_the_language_model_settings():
         ({"logits": {"mode": "online", "tokens": {"k": 8}}}, "`logits.top_k`"),
         ({"quantization": {"method": "int8_weights"}}, "for language models"),
         ({"pruning": {"lm_head": True}}, "`pruning.lm_head`"),
+        ({"pruning": {"granularity": "channel", "heads": 0.5}}, "an image classifier has none"),
         ({"student": {"model": {"kind": "hf", "config": LLAMA}}}, "`data.kind: text`"),
     ]:
         message = " ".join(_problems({**base, **extra}).values())

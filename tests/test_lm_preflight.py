@@ -2,7 +2,8 @@
 `stillhouse run`, naming the first difference, before a run dir or a cluster exists), blocks
 longer than a model's positions, a vocabulary smaller than the tokenizer's, a teacher directory
 without its tokenizer, a student that cannot copy the chosen blocks, layer patterns that match
-nothing, int8 export of a GPT-2 student; and the plan of a good spec."""
+nothing, int8 export of a GPT-2 student, attention heads cut out of a GPT-2 student; and the
+plan of a good spec."""
 
 import os
 import subprocess
@@ -107,6 +108,10 @@ def test_the_tokenizer_check_names_the_first_difference(files):
                          "n_head": 4, "n_positions": 64}, "int8": True},
      HFModelError, ["int8_weights", "Conv1D"]),
     ({"batch": 64}, PlanError, ["`student.batch_size` 64", "sequences"]),
+    # structured pruning: GPT-2's config derives the head size from n_embd / n_head
+    ({"student_config": {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 32, "n_layer": 2,
+                         "n_head": 4, "n_positions": 64}, "structured_heads": 0.5},
+     PlanError, ["`pruning.heads` 0.5", "n_embd / n_head"]),
 ])
 def test_a_job_that_cannot_work_is_an_input_error_naming_its_field(files, change, error, words):
     raw = _spec(files)
@@ -124,6 +129,8 @@ def test_a_job_that_cannot_work_is_an_input_error_naming_its_field(files, change
         raw["quantization"] = {"method": "int8_weights"}
     if "batch" in change:
         raw["student"]["batch_size"] = change["batch"]
+    if "structured_heads" in change:
+        raw["pruning"].update(granularity="channel", heads=change["structured_heads"])
     with pytest.raises(error) as info:
         preflight(parse_spec(raw), None, frozenset())
     assert isinstance(info.value, InputError)  # exit status 2

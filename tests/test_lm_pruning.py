@@ -7,11 +7,13 @@ from tiny_lm import causal_lm, gpt2_config, llama_config, no_network
 
 from trainers.hf_models import HFModelError, load_hf_dir, save_hf_dir
 from trainers.lm_pruning import (
+    plan_from_masks,
     plan_structured,
     projection_weights,
     prune_global_magnitude_,
     shrink,
     structured_masks,
+    structured_parameters,
 )
 from trainers.pruning import apply_masks_
 
@@ -182,3 +184,50 @@ def test_a_plan_the_config_refuses_is_a_clear_error():
                                  groups_keep=tuple((0, 1, 2) for _ in range(4)))
     with pytest.raises(HFModelError, match="3 KV groups per block make an invalid LlamaConfig"):
         shrink(model, three_heads)
+
+
+def test_a_plan_comes_back_from_its_masks_and_half_a_unit_is_refused():
+    """What the export does with a job's masks: the plan they were made from, or an error."""
+    model = causal_lm(llama_config(VOCAB, heads=4, kv_heads=2), seed=7)
+    plan = plan_structured(model, mlp_sparsity=0.4, head_sparsity=0.5)
+    masks = structured_masks(model, plan)
+    assert plan_from_masks(model, masks) == plan
+    assert plan_from_masks(model, {}) == plan_structured(model)  # no mask: everything kept
+    # every mask is over a parameter structured pruning lists (so the engine masks them all)
+    assert set(masks) <= set(structured_parameters(model))
+    masks["model.layers.1.mlp.down_proj.weight"][0, plan.mlp_keep[1][0]] = False
+    with pytest.raises(ValueError, match="block 1: MLP neuron .* partly masked"):
+        plan_from_masks(model, masks)
+
+
+def test_the_norm_and_the_weights_scored_are_the_callers():
+    """L1 and L2 rank differently where a unit has one large weight against many smaller ones;
+    `weights` replaces the module's values (an engine scores its fp32 master copy)."""
+    model = causal_lm(llama_config(VOCAB, intermediate=2), seed=8)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.zero_()
+        w = model.get_parameter(gate)
+        w[0, 0] = 3.1  # neuron 0: L1 3.1, L2 3.1
+        w[1, :9] = 1.0  # neuron 1: L1 9, L2 3
+    assert plan_structured(model, mlp_sparsity=0.5, norm="l1").mlp_keep[0] == (1,)
+    assert plan_structured(model, mlp_sparsity=0.5, norm="l2").mlp_keep[0] == (0,)
+    w = model.get_parameter(gate).detach().clone()
+    w[0, 0] = 100.0
+    assert plan_structured(model, mlp_sparsity=0.5, norm="l1",
+                           weights={gate: w}).mlp_keep[0] == (0,)
+    with pytest.raises(ValueError, match="norm"):
+        plan_structured(model, norm="l3")
+
+
+def test_a_deeper_round_keeps_a_subset_of_the_last_rounds_units():
+    """Units a round zeroed score 0, so the next round (more sparsity) cannot bring them back."""
+    model = causal_lm(llama_config(VOCAB, heads=4, kv_heads=4), seed=9)
+    first = plan_structured(model, mlp_sparsity=0.3, head_sparsity=0.5)  # 2 of 4 heads
+    _masked(model, first)
+    second = plan_structured(model, mlp_sparsity=0.6, head_sparsity=0.75)  # 1
+    for before, after in [*zip(first.mlp_keep, second.mlp_keep),
+                          *zip(first.groups_keep, second.groups_keep)]:
+        assert set(after) <= set(before) and len(after) < len(before)

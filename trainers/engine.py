@@ -128,6 +128,10 @@ class DistillEngine:
 
             params = dict(self.module.named_parameters())
             self.prunable = {n: params[n] for n in pruned_parameters(self.channel_groups)}
+        elif spec.language_model and pruning.granularity == "channel":
+            from trainers.lm_pruning import structured_parameters  # neurons and heads, whole
+
+            self.prunable = structured_parameters(self.module)
         elif spec.language_model:  # the blocks' projections (trainers/lm_pruning.py)
             from trainers.lm_pruning import prunable_projections
 
@@ -350,11 +354,21 @@ class DistillEngine:
         if self.zero3 and pruning.granularity == "weight":
             return self._prune_shards(sparsity)
         weights = self.full_fp32_weights(list(self.prunable))
-        if pruning.granularity == "channel" and self.channel_groups is None:
+        if pruning.granularity == "channel" and self.spec.language_model:
+            # MLP neurons and attention groups of every block (trainers/lm_pruning.py), scored
+            # on the fp32 master weights; units pruned before score 0 and stay pruned
+            from trainers.lm_pruning import plan_structured, round_head_sparsity, structured_masks
+
+            plan = plan_structured(self.module, mlp_sparsity=sparsity,
+                                   head_sparsity=round_head_sparsity(pruning, sparsity),
+                                   norm=pruning.norm, weights=weights)
+            masks, threshold = structured_masks(self.module, plan), None
+        elif pruning.granularity == "channel" and self.channel_groups is None:
             raise RuntimeError("channel pruning needs the engine's `input_shape`")
-        # the same function `trainers.compression.prune_` applies to a plain module
-        masks, threshold = prune_masks(weights, pruning, sparsity, self.masks or None,
-                                       self.channel_groups)
+        else:
+            # the same function `trainers.compression.prune_` applies to a plain module
+            masks, threshold = prune_masks(weights, pruning, sparsity, self.masks or None,
+                                           self.channel_groups)
         if dist.is_initialized():
             for name in masks:
                 flat = masks[name].to(self.device, torch.uint8)

@@ -6,7 +6,9 @@ back and checked, and the figures of every stage.
 From the committed checkpoints only (so `stillhouse export RUN_DIR` redoes it):
 
     1. the final phase's fp32 weights into the student's architecture; every pruned weight must
-       be exactly zero;
+       be exactly zero; under structured pruning (`granularity: channel`) the pruned MLP neurons
+       and attention groups are cut out (a smaller config), and the smaller model must compute
+       the masked one's logits;
     2. `student-hf/`: config.json, model.safetensors and the tokenizer, loaded back with
        transformers' `from_pretrained` (offline, safetensors only); its logits on the test
        blocks must be those of the in-memory student (FP32_TOLERANCE);
@@ -80,6 +82,38 @@ def _count(model: nn.Module) -> tuple[int, int]:
             sum(int(torch.count_nonzero(p)) for p in params))
 
 
+CONFIG_COUNTS = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "n_inner",
+                 "n_head")
+
+
+def _shrunk(student: nn.Module, masks: dict[str, torch.Tensor], reference: torch.Tensor,
+            data: TextDataset, phase: str) -> tuple[nn.Module, torch.Tensor, dict]:
+    """Structured pruning: the student without its pruned neurons and attention groups (a new
+    config), checked to compute what the masked one does. The pruned units add exact zeros to
+    the masked model's sums; the smaller one leaves them out, so only the order of float32 sums
+    can differ (FP32_TOLERANCE relative to the largest |logit|)."""
+    from trainers.lm_pruning import plan_from_masks, shrink
+
+    try:
+        plan = plan_from_masks(student, masks)
+    except ValueError as err:
+        raise LMExportError(f"{phase}: the masks do not remove whole units: {err}") from None
+    small = shrink(student, plan)
+    logits = _logits(small, data)
+    diff = _max_diff(logits, reference)
+    bound = FP32_TOLERANCE * max(1.0, float(reference.abs().max()))
+    if diff > bound:
+        raise LMExportError(f"{phase}: the shrunk student's logits are {diff:.3g} away from the "
+                            f"masked one's (tolerance {bound:.3g})")
+
+    def counts(config) -> dict:
+        return {k: getattr(config, k) for k in CONFIG_COUNTS if getattr(config, k, None)}
+
+    return small, logits, {"config_before": counts(student.config),
+                           "config_after": counts(small.config),
+                           "logit_max_abs_diff": diff, "logit_tolerance": bound}
+
+
 def export_language_model(spec: JobSpec, data: TextDataset, run_path: Path,
                           teacher: dict) -> dict:
     """Returns the report's `stages` and `export` sections (see the module docstring); raises
@@ -131,6 +165,10 @@ def export_language_model(spec: JobSpec, data: TextDataset, run_path: Path,
         stages.append({"name": "pruned (fp32, zeros stored)", "perplexity": ppl, "accuracy": acc,
                        "file_bytes": None, "params": params, "nonzero_params": nonzero,
                        "bits": 32})
+    structure = None
+    if spec.pruning.enabled and spec.pruning.granularity == "channel":
+        student, reference, structure = _shrunk(student, masks, reference, data, final_name)
+        params, nonzero = _count(student)
 
     out = save_hf_dir(student, run_path / STUDENT_DIR, tokenizer=data.tokenizer_dir)
     loaded = load_hf_dir(out)  # transformers' from_pretrained, offline, safetensors only
@@ -153,6 +191,8 @@ def export_language_model(spec: JobSpec, data: TextDataset, run_path: Path,
               "nonzero_params": loaded_nonzero, "pruned_weights": pruned,
               "sparsity": pruned / max(1, sum(m.numel() for m in masks.values())) if masks else 0.0,
               "dense_file_bytes": stages[1]["file_bytes"], "quantization": spec.quantization.method}
+    if structure is not None:
+        export["structured"] = structure
     del loaded
 
     if spec.quantization.method == "int8_weights":

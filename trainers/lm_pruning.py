@@ -219,18 +219,20 @@ class StructuredPlan:
 
 
 def _unit_score(unit: Unit, params: dict[str, torch.Tensor],
-                squares: dict[tuple[str, int], torch.Tensor]) -> float:
-    """L2 norm of all the unit's weights. `squares` caches, per (parameter, dimension), the sum
-    of squares over the other dimensions: one reduction per tensor, not one per unit."""
+                sums: dict[tuple[str, int], torch.Tensor], norm: str = "l2") -> float:
+    """The L2 (or L1) norm of all the unit's weights. `sums` caches, per (parameter, dimension),
+    the sum of squares (of absolute values) over the other dimensions: one reduction per tensor,
+    not one per unit."""
     total = 0.0
     for s in unit.slices:
         key = (s.param, s.dim)
-        if key not in squares:
+        if key not in sums:
             w = params[s.param].detach().float()
+            w = w.pow(2) if norm == "l2" else w.abs()
             other = [d for d in range(w.dim()) if d != s.dim]
-            squares[key] = w.pow(2).sum(dim=other) if other else w.pow(2)
-        total += float(squares[key][list(s.index)].sum())
-    return total ** 0.5
+            sums[key] = w.sum(dim=other) if other else w
+        total += float(sums[key][list(s.index)].sum())
+    return total ** 0.5 if norm == "l2" else total
 
 
 def _keep_top(scores: list[float], keep: int) -> tuple[int, ...]:
@@ -289,15 +291,21 @@ def _group_count(model: nn.Module, available: int, sparsity: float) -> int:
 
 
 def plan_structured(model: nn.Module, *, mlp_sparsity: float = 0.0,
-                    head_sparsity: float = 0.0) -> StructuredPlan:
+                    head_sparsity: float = 0.0, norm: str = "l2",
+                    weights: dict[str, torch.Tensor] | None = None) -> StructuredPlan:
     """Which neurons and KV groups each block keeps: the `1 - sparsity` share with the largest
-    weight norms in that block, at least one. Neurons: the share rounded. Groups: the share
-    rounded down to a count the config accepts (see `_group_count`); GPT-2 keeps all heads unless asked to prune
-    some, and then can only be masked (see `shrink`)."""
+    weight norms (`l2` or `l1`) in that block, at least one. Neurons: the share rounded. Groups:
+    the share rounded down to a count the config accepts (see `_group_count`); GPT-2 keeps all
+    heads unless asked to prune some, and then can only be masked (see `shrink`). `weights`
+    (parameter name -> tensor) scores other values than the module's own, e.g. a training
+    engine's fp32 master weights; the module then only gives the structure. A unit whose weights
+    are all zero (pruned by an earlier round) scores 0 and stays pruned while the share grows."""
     for name, value in (("mlp_sparsity", mlp_sparsity), ("head_sparsity", head_sparsity)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), not {value}")
-    params = dict(model.named_parameters())
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be l1 or l2, not {norm!r}")
+    params = {**dict(model.named_parameters()), **(weights or {})}
     squares: dict[tuple[str, int], torch.Tensor] = {}
     mlp_keep, groups_keep = [], []
     units = layer_units(model)
@@ -308,10 +316,47 @@ def plan_structured(model: nn.Module, *, mlp_sparsity: float = 0.0,
         n_groups = _group_count(model, available, head_sparsity)
     for layer in units:
         n_mlp = max(1, round((1.0 - mlp_sparsity) * len(layer.mlp)))
-        mlp_keep.append(_keep_top([_unit_score(u, params, squares) for u in layer.mlp], n_mlp))
-        groups_keep.append(_keep_top([_unit_score(u, params, squares) for u in layer.attention],
-                                     n_groups))
+        mlp_keep.append(_keep_top([_unit_score(u, params, squares, norm) for u in layer.mlp],
+                                  n_mlp))
+        groups_keep.append(_keep_top([_unit_score(u, params, squares, norm)
+                                      for u in layer.attention], n_groups))
     return StructuredPlan(tuple(mlp_keep), tuple(groups_keep))
+
+
+def plan_from_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> StructuredPlan:
+    """The plan whose `structured_masks` these are: a unit is pruned when every one of its
+    weights is masked, kept when none is; anything else (a unit partly masked, or blocks keeping
+    different counts) is a ValueError, since no smaller config computes it."""
+    lines: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def state(unit: Unit) -> bool | None:  # True: kept, False: pruned, None: partly masked
+        kept, dropped = True, True
+        for s in unit.slices:
+            if s.param not in masks:  # a parameter without a mask is whole
+                dropped = False
+                continue
+            key = (s.param, s.dim)
+            if key not in lines:  # per index along dim: all kept, none kept
+                m = masks[s.param].bool()
+                other = [d for d in range(m.dim()) if d != s.dim]
+                lines[key] = ((m.all(dim=other), ~m.any(dim=other)) if other else (m, ~m))
+            all_kept, none_kept = lines[key]
+            kept = kept and bool(all_kept[list(s.index)].all())
+            dropped = dropped and bool(none_kept[list(s.index)].all())
+        return True if kept else False if dropped else None
+
+    mlp_keep, groups_keep = [], []
+    for b, layer in enumerate(layer_units(model)):
+        for kind, units, out in (("MLP neuron", layer.mlp, mlp_keep),
+                                 ("attention group", layer.attention, groups_keep)):
+            states = [state(u) for u in units]
+            if None in states:
+                raise ValueError(f"block {b}: {kind} {states.index(None)} is partly masked")
+            out.append(tuple(i for i, kept in enumerate(states) if kept))
+    plan = StructuredPlan(tuple(mlp_keep), tuple(groups_keep))
+    if len({len(k) for k in plan.mlp_keep}) > 1 or len({len(k) for k in plan.groups_keep}) > 1:
+        raise ValueError("the blocks keep different numbers of neurons or groups")
+    return plan
 
 
 def _pruned_units(model: nn.Module, plan: StructuredPlan):
@@ -322,6 +367,20 @@ def _pruned_units(model: nn.Module, plan: StructuredPlan):
         for g, unit in enumerate(layer.attention):
             if g not in groups_keep:
                 yield unit
+
+
+def structured_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter a unit owns a slice of (projection weights, and their biases where the
+    model has them), by name, in model order: what structured pruning masks."""
+    owned = {s.param for layer in layer_units(model) for unit in (*layer.mlp, *layer.attention)
+             for s in unit.slices}
+    return {name: p for name, p in model.named_parameters() if name in owned}
+
+
+def round_head_sparsity(pruning, sparsity: float) -> float:
+    """The share of attention groups a round at `sparsity` (its MLP-neuron share) removes: the
+    same fraction of `pruning.heads` as of `pruning.target_sparsity`."""
+    return pruning.heads * min(1.0, sparsity / pruning.target_sparsity)
 
 
 def structured_masks(model: nn.Module, plan: StructuredPlan) -> dict[str, torch.Tensor]:
@@ -338,15 +397,20 @@ def structured_masks(model: nn.Module, plan: StructuredPlan) -> dict[str, torch.
 # -------------------------------------------------------------------------------- shrinking
 
 
-@torch.no_grad()
-def shrink(model: nn.Module, plan: StructuredPlan) -> nn.Module:
-    """A new model of the same class without the pruned units, its config saying so. The
-    remaining weights are copied as they are (masked or not)."""
+def shrunk_config(model: nn.Module, plan: StructuredPlan):
+    """The config of the model `shrink` makes (HFModelError when transformers refuses it)."""
     n_mlp = {len(k) for k in plan.mlp_keep}
     n_groups = {len(k) for k in plan.groups_keep}
     if len(n_mlp) != 1 or len(n_groups) != 1:
         raise ValueError("every block must keep as many neurons and groups as the others")
-    config = _shrunk_config(model, n_mlp.pop(), n_groups.pop())
+    return _shrunk_config(model, n_mlp.pop(), n_groups.pop())
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, plan: StructuredPlan) -> nn.Module:
+    """A new model of the same class without the pruned units, its config saying so. The
+    remaining weights are copied as they are (masked or not)."""
+    config = shrunk_config(model, plan)
 
     # index along each cut dimension of each parameter: everything not owned by a pruned unit
     state = model.state_dict()
