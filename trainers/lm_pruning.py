@@ -22,8 +22,12 @@ that read it (n_heads / n_kv_heads of them; one head in multi-head attention); z
 key and value rows makes its output exactly 0 (uniform attention over zero values). A Hugging
 Face config holds one `intermediate_size` and one head count for all layers, so every layer keeps
 the same number of neurons and of groups, the highest scoring ones in that layer (score: the L2
-norm of all the unit's weights), and at least one of each. Query heads go with their KV group,
-so `num_attention_heads / num_key_value_heads` stays an integer.
+norm of all the unit's weights, or the L1 norm), and at least one of each. Query heads go with
+their KV group, so `num_attention_heads / num_key_value_heads` stays an integer.
+
+A job (`pruning.granularity: channel`, trainers/engine.py) plans each round on the engine's fp32
+master weights and trains with `structured_masks`; the export (trainers/lm_export.py) recovers
+the plan from the last masks with `plan_from_masks` and writes `shrink`'s model.
 
 `shrink` cuts the pruned units out and writes `intermediate_size` (GPT-2: `n_inner`),
 `num_attention_heads`, `num_key_value_heads` and `head_dim` into the new config. GPT-2's config
