@@ -94,11 +94,10 @@ def _shrunk(student: nn.Module, masks: dict[str, torch.Tensor], reference: torch
     can differ (FP32_TOLERANCE relative to the largest |logit|)."""
     from trainers.lm_pruning import plan_from_masks, shrink
 
-    try:
-        plan = plan_from_masks(student, masks)
+    try:  # whole units, as many in every block
+        small = shrink(student, plan_from_masks(student, masks))
     except ValueError as err:
         raise LMExportError(f"{phase}: the masks do not remove whole units: {err}") from None
-    small = shrink(student, plan)
     logits = _logits(small, data)
     diff = _max_diff(logits, reference)
     bound = FP32_TOLERANCE * max(1.0, float(reference.abs().max()))

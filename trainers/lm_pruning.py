@@ -310,7 +310,7 @@ def plan_structured(model: nn.Module, *, mlp_sparsity: float = 0.0,
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be l1 or l2, not {norm!r}")
     params = {**dict(model.named_parameters()), **(weights or {})}
-    squares: dict[tuple[str, int], torch.Tensor] = {}
+    sums: dict[tuple[str, int], torch.Tensor] = {}
     mlp_keep, groups_keep = [], []
     units = layer_units(model)
     available = len(units[0].attention)
@@ -320,17 +320,17 @@ def plan_structured(model: nn.Module, *, mlp_sparsity: float = 0.0,
         n_groups = _group_count(model, available, head_sparsity)
     for layer in units:
         n_mlp = max(1, round((1.0 - mlp_sparsity) * len(layer.mlp)))
-        mlp_keep.append(_keep_top([_unit_score(u, params, squares, norm) for u in layer.mlp],
+        mlp_keep.append(_keep_top([_unit_score(u, params, sums, norm) for u in layer.mlp],
                                   n_mlp))
-        groups_keep.append(_keep_top([_unit_score(u, params, squares, norm)
+        groups_keep.append(_keep_top([_unit_score(u, params, sums, norm)
                                       for u in layer.attention], n_groups))
     return StructuredPlan(tuple(mlp_keep), tuple(groups_keep))
 
 
 def plan_from_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> StructuredPlan:
     """The plan whose `structured_masks` these are: a unit is pruned when every one of its
-    weights is masked, kept when none is; anything else (a unit partly masked, or blocks keeping
-    different counts) is a ValueError, since no smaller config computes it."""
+    weights is masked, kept when none is; a unit partly masked is a ValueError, since no smaller
+    model computes it (blocks that keep different counts are `shrunk_config`'s to refuse)."""
     lines: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def state(unit: Unit) -> bool | None:  # True: kept, False: pruned, None: partly masked
@@ -357,10 +357,7 @@ def plan_from_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> Structu
             if None in states:
                 raise ValueError(f"block {b}: {kind} {states.index(None)} is partly masked")
             out.append(tuple(i for i, kept in enumerate(states) if kept))
-    plan = StructuredPlan(tuple(mlp_keep), tuple(groups_keep))
-    if len({len(k) for k in plan.mlp_keep}) > 1 or len({len(k) for k in plan.groups_keep}) > 1:
-        raise ValueError("the blocks keep different numbers of neurons or groups")
-    return plan
+    return StructuredPlan(tuple(mlp_keep), tuple(groups_keep))
 
 
 def _pruned_units(model: nn.Module, plan: StructuredPlan):
