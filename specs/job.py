@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Discriminator, Field, PositiveInt, Tag, model_validator
 
 from specs.base import Strict
 from specs.lm import (
@@ -483,13 +483,27 @@ class LayerSelection(Strict):
     exclude: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
+# One number for every round, or a list with one per round. Tagged by the value's own type so
+# that a bad value gets the one error of the form it was written in, not one per form.
+RoundEpochs = Annotated[
+    Union[
+        Annotated[Annotated[int, Field(ge=0)], Tag("int")],
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), Tag("list")],
+    ],
+    Discriminator(lambda v: "list" if isinstance(v, list) else "int"),
+]
+
+
 class PruningSpec(Strict):
     """Iterative global magnitude pruning: one threshold across all prunable weights."""
 
     enabled: bool = True
     target_sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="final share of zero weights")
     rounds: int = Field(3, ge=1, le=100)
-    finetune_epochs: int = Field(2, ge=0, description="distillation epochs after each prune")
+    finetune_epochs: RoundEpochs = Field(
+        2, description="distillation epochs after each prune: one number for every round, or a "
+        "list with one per round (e.g. longer fine-tuning for the last, sparsest rounds)"
+    )
     schedule: ScheduleSpec = Field(default_factory=lambda: GeometricSchedule(kind="geometric"))
     layers: (Literal["all"]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
@@ -524,11 +538,23 @@ class PruningSpec(Strict):
     norm: Literal["l1", "l2"] = Field(
         "l1", description="channel score: the L1 or L2 norm of its weights over their fan-in"
     )
+    augment: Augmentation | None = Field(
+        None, description="training augmentation of the phases after the dense distillation "
+        "(each round's fine-tuning, and the quantization fine-tuning after the last round), "
+        "instead of `data.augment` (the default): e.g. `{}` to fine-tune the pruned student on "
+        "the images as stored after a dense student learnt on shifted ones"
+    )
     scope: Literal["global", "layer"] = Field(
         "layer", description="channel pruning: each layer to the target, or one threshold across "
         "layers (which can strip one layer to a single channel: scores compare across layers "
         "only roughly)"
     )
+
+    def round_epochs(self, round_index: int) -> int:
+        """Fine-tuning epochs after round `round_index` (1-based)."""
+        if isinstance(self.finetune_epochs, int):
+            return self.finetune_epochs
+        return self.finetune_epochs[round_index - 1]
 
     @property
     def selection(self) -> LayerSelection:
@@ -551,6 +577,11 @@ class PruningSpec(Strict):
                     f"{self.rounds} reaches sparsity {reached:.4f}, below `target_sparsity` "
                     f"{self.target_sparsity}: raise `rounds` or lower `keep_fraction`"
                 )
+        if isinstance(self.finetune_epochs, list) and len(self.finetune_epochs) != self.rounds:
+            raise ValueError(
+                f"`finetune_epochs` lists {len(self.finetune_epochs)} rounds but `rounds` is "
+                f"{self.rounds}"
+            )
         if isinstance(self.schedule, ExplicitSchedule):
             s = self.schedule.sparsities
             if len(s) != self.rounds:
@@ -876,13 +907,26 @@ class JobSpec(Strict):
     recurring: RecurringSpec = Field(default_factory=RecurringSpec)
     sweep: SweepSpec | None = None
 
-    def augmentation(self, stage: str) -> Augmentation:
-        """The training augmentation of a stage (`teacher` or `student`): `data.augment`, or the
-        trained teacher's own `augment` for the teacher's training when it gives one."""
+    def augmentation(self, stage: str, phase_kind: str = "dense") -> Augmentation:
+        """The training augmentation of a stage (`teacher` or `student`) and phase kind
+        (`trainers.plan.Phase.kind`): `data.augment`, or the trained teacher's own `augment` for
+        the teacher's training, or `pruning.augment` for the student's phases after the dense
+        one (pruning rounds, quantization fine-tuning) when pruning is on; each when given."""
         if stage == "teacher" and isinstance(self.teacher, TrainedTeacher):
             if self.teacher.augment is not None:
                 return self.teacher.augment
+        if stage == "student" and phase_kind in ("prune", "quantize"):
+            if self.pruning.enabled and self.pruning.augment is not None:
+                return self.pruning.augment
         return self.data.augment
+
+    @property
+    def student_augmentations(self) -> list[Augmentation]:
+        """The augmentations the student's phases train with (one or two distinct ones)."""
+        found = [self.augmentation("student")]
+        if self.pruning.enabled and self.pruning.augment is not None:
+            found.append(self.pruning.augment)
+        return found
 
     @property
     def student_uses_teacher(self) -> bool:
@@ -1001,15 +1045,19 @@ class JobSpec(Strict):
         if self.pruning.embeddings or self.pruning.lm_head:
             raise ValueError("`pruning.embeddings` and `pruning.lm_head` are for language "
                              "models (`data.kind: text`)")
-        if self.data.augment.enabled and self.logits.mode != "online":
+        if self.logits.mode != "online" and any(a.enabled for a in self.student_augmentations):
+            where = "`data.augment`" if self.data.augment.enabled else "`pruning.augment`"
             raise ValueError(
-                f"`logits.mode: {self.logits.mode}` with `data.augment`: a cache holds the "
+                f"`logits.mode: {self.logits.mode}` with {where}: a cache holds the "
                 "teacher's logits for the images as stored, not for this epoch's random crops "
                 "and flips; use `logits.mode: online` (the teacher then sees each augmented batch)"
             )
 
     def _language_model_checks(self) -> None:
         """Text data: Hugging Face causal LMs, a token-level loss, top-k teacher logits."""
+        if self.pruning.augment is not None:
+            raise ValueError("`pruning.augment` shifts and flips images; a language model's "
+                             "rounds fine-tune on the text as it is")
         if isinstance(self.teacher, ExportedTeacher):
             raise ValueError("`data.kind: text` needs an hf teacher (`teacher.kind: train` or "
                              "`checkpoint` with `model.kind: hf`), not an exported program")

@@ -103,6 +103,7 @@ def test_an_hf_checkpoint_teacher_is_its_directory():
      ["`deepspeed.zero_stage: 3`"]),
     ({"pruning": {"heads": 0.5}}, ["`heads`", "`granularity: channel`"]),
     ({"pruning": {"include_bias": True}}, ["by their weights only"]),
+    ({"pruning": {"augment": {}}}, ["`pruning.augment`", "text as it is"]),
     ({"student__model__task": "sequence_classification"}, ["`student.model.task`",
                                                            "`task: causal_lm`"]),
     ({"teacher__model__init": {"from_teacher": True, "layers": [0]}},

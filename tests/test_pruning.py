@@ -6,6 +6,7 @@ import torch
 
 from specs import parse_spec
 from trainers.models import LeNet5, MLP
+from trainers.plan import student_phases
 from trainers.pruning import (
     GlobalMagnitudePruner,
     apply_masks_,
@@ -111,3 +112,14 @@ def test_schedules():
         assert all(b > a for a, b in zip(s, s[1:])) and s[-1] == spec.target_sparsity
     with pytest.raises(ValueError):
         round_sparsity(geo, 4)
+
+
+def test_fine_tuning_epochs_per_round_become_the_phases():
+    spec = parse_spec({**BASE, "pruning": {
+        "target_sparsity": 0.9, "rounds": 3, "finetune_epochs": [1, 0, 4],
+        "schedule": {"kind": "explicit", "sparsities": [0.5, 0.8, 0.9]}}})
+    prune = [p for p in student_phases(spec) if p.kind == "prune"]
+    assert [(p.round, p.target_sparsity, p.epochs) for p in prune] == [
+        (1, 0.5, 1), (2, 0.8, 0), (3, 0.9, 4)]
+    one = parse_spec({**BASE, "pruning": {"rounds": 2, "finetune_epochs": 3}})
+    assert [p.epochs for p in student_phases(one) if p.kind == "prune"] == [3, 3]

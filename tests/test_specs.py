@@ -73,6 +73,13 @@ def test_cross_field_errors_name_fields():
     problems = _problems({**BASE, "pruning": {
         "target_sparsity": 0.9, "rounds": 2, "schedule": {"kind": "explicit", "sparsities": [0.5, 0.8]}}})
     assert "`target_sparsity`" in problems["pruning"].message
+    problems = _problems({**BASE, "pruning": {"rounds": 3, "finetune_epochs": [2, 4]}})
+    assert "`finetune_epochs` lists 2 rounds but `rounds` is 3" in problems["pruning"].message
+    # one problem per bad value, at its own path, not one per accepted form (number or list)
+    problems = _problems({**BASE, "pruning": {"rounds": 2, "finetune_epochs": [2, -1]}})
+    assert set(problems) == {"pruning.finetune_epochs[1]"}
+    problems = _problems({**BASE, "pruning": {"finetune_epochs": -1}})
+    assert set(problems) == {"pruning.finetune_epochs"} and problems["pruning.finetune_epochs"].value == -1
     problems = _problems({**BASE, "student": {"model": {"kind": "lenet5"}}})
     assert "`padding: 2`" in problems[""].message
 
@@ -209,3 +216,25 @@ def test_the_teacher_may_train_on_its_own_augmentation():
     assert any("logits.mode: cached" in p.message for p in problems.values()), problems
     problems = _problems({**BASE, "teacher": {**teacher, "augment": {"random_crop_padding": -1}}})
     assert set(problems) == {"teacher.augment.random_crop_padding"}
+
+
+def test_pruning_rounds_may_fine_tune_on_their_own_augmentation():
+    shifts = {"random_crop_padding": 2}
+    # a dense student on shifted images, its pruning rounds and quantization fine-tuning on the
+    # images as stored (`augment: {}`)
+    spec = parse_spec({**BASE, "data": {"kind": "digits", "augment": shifts},
+                       "pruning": {"augment": {}}, "quantization": {"method": "qat"}})
+    assert spec.augmentation("student", "dense").random_crop_padding == 2
+    assert not spec.augmentation("student", "prune").enabled
+    assert not spec.augmentation("student", "quantize").enabled
+    assert spec.augmentation("teacher", "teacher").random_crop_padding == 2
+    # pruning off: its section is not read
+    off = parse_spec({**BASE, "data": {"kind": "digits", "augment": shifts},
+                      "pruning": {"enabled": False, "augment": {}}})
+    assert off.augmentation("student", "quantize").random_crop_padding == 2
+    # shifted rounds after a dense student on the images as stored need online logits too
+    problems = _problems({**BASE, "logits": {"mode": "cached"}, "pruning": {"augment": shifts}})
+    assert "`pruning.augment`" in problems[""].message
+    assert parse_spec({**BASE, "logits": {"mode": "cached"}, "pruning": {"augment": {}}})
+    problems = _problems({**BASE, "pruning": {"augment": {"random_crop_padding": -1}}})
+    assert set(problems) == {"pruning.augment.random_crop_padding"}

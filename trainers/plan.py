@@ -39,7 +39,7 @@ def student_phases(spec: JobSpec) -> list[Phase]:
         for r in range(1, spec.pruning.rounds + 1):
             phases.append(
                 Phase(
-                    r, f"student-{r:02d}-round{r}", "prune", spec.pruning.finetune_epochs,
+                    r, f"student-{r:02d}-round{r}", "prune", spec.pruning.round_epochs(r),
                     target_sparsity=round_sparsity(spec.pruning, r), round=r,
                 )
             )

@@ -122,7 +122,7 @@ def train_worker(config: dict) -> None:
             raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
     elif student and spec.student_uses_teacher:
         client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
-        if not data.streamed and not spec.augmentation("student").enabled:
+        if not data.streamed and not all(a.enabled for a in spec.student_augmentations):
             # once: teacher requests carry row indices into it, not the rows themselves; the
             # worker reads its batches from the same shared-memory copy. (Augmented or streamed
             # batches exist only in the worker: their values travel with each request.)
@@ -197,6 +197,9 @@ def _run_phase(
     progress: Progress,
 ) -> int:
     section = spec.student if stage == "student" else spec.teacher
+    augment = spec.augmentation(stage, phase.kind)
+    if augment.enabled:  # the teacher must see this phase's shifted rows, not the stored ones
+        source = None
     threshold = None
     base_lr = section.lr
     if phase.kind == "prune":
@@ -226,7 +229,7 @@ def _run_phase(
         epoch_start = time.perf_counter()
         epoch_key = phase.index * 1000 + epoch  # distinct per (phase, epoch): order, crops
         batches = training_batches(data, spec, section.batch_size, epoch_key, rank, world,
-                                   spec.augmentation(stage))
+                                   augment)
         epoch_losses, epoch_samples, ids_hash = [], 0, 0
         with Prefetcher(_step_inputs(data, batches, cache, client, source, engine)) as inputs:
             for idx, x, y, t_logits, t_features in inputs:
@@ -275,7 +278,7 @@ def _run_phase(
         "zero_stage": spec.deepspeed.zero_stage, "params": model_total,
         "epochs": ledger,
         "warnings": _useless_layers(per_layer, phase),
-        "augment": spec.augmentation(stage).model_dump(),  # what this phase trained on
+        "augment": augment.model_dump(),  # what this phase trained on
     }
     phase_metrics = {"eval/accuracy": accuracy}
     commit_phase(engine, root, phase, stage, meta, all_weights, phase_metrics, wandb_rows,
