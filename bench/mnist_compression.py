@@ -10,7 +10,8 @@ below override their fields):
 1. `distilled` (`examples/mnist-lenet300.yaml`): trains the teacher (LeNet-5 on images shifted
    by up to 2 pixels, `data.augment`), distils LeNet-300-100 from the teacher's answers (online
    in that spec: the teacher sees each shifted batch the student sees), prunes it round by round
-   with distilled fine-tuning, then fine-tunes the k-means shared weights
+   with distilled fine-tuning (on the images as stored in that spec: `pruning.augment`), then
+   fine-tunes the k-means shared weights
    (`quantization.method: kmeans`) and writes the compact file;
 2. `alone`: the same spec with `distillation.alpha: 0` (cross-entropy only: the same epochs,
    learning rate, seed and data order) and *without* `data.augment`, pruning and quantization
