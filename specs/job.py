@@ -922,11 +922,9 @@ class JobSpec(Strict):
 
     @property
     def student_augmentations(self) -> list[Augmentation]:
-        """The augmentations the student's phases train with (one or two distinct ones)."""
-        found = [self.augmentation("student")]
-        if self.pruning.enabled and self.pruning.augment is not None:
-            found.append(self.pruning.augment)
-        return found
+        """The augmentations the student's phases train with: the dense phase's, then the one
+        of the phases after it (rounds and quantization share theirs); they may be equal."""
+        return [self.augmentation("student", kind) for kind in ("dense", "prune")]
 
     @property
     def student_uses_teacher(self) -> bool:
