@@ -10,19 +10,20 @@ below override their fields):
 1. `distilled` (`examples/mnist-lenet300.yaml`): trains the teacher (LeNet-5 on images shifted
    by up to 2 pixels, `data.augment`), distils LeNet-300-100 from the teacher's answers (online
    in that spec: the teacher sees each shifted batch the student sees), prunes it round by round
-   with distilled fine-tuning (on the images as stored in that spec: `pruning.augment`), then
-   fine-tunes the k-means shared weights
-   (`quantization.method: kmeans`) and writes the compact file;
+   with distilled fine-tuning (on the images as stored in that spec: `pruning.augment`, their
+   logits read from the cache, `logits.cache_unaugmented`), then fine-tunes the k-means shared
+   weights (`quantization.method: kmeans`) and writes the compact file;
 2. `alone`: the same spec with `distillation.alpha: 0` (cross-entropy only: the same epochs,
    learning rate, seed and data order) and *without* `data.augment`, pruning and quantization
    off, and the teacher loaded from job 1's file (trained once per seed; it is only scored).
+   Its one worker takes the CPUs job 1's student and replica shared (the replica has left).
    This is the student "trained alone" of Hinton et al. (2015): no regularisation, unshifted
    images, and the one the gap closed is measured against;
 2b. `alone-shifted` (only when job 1's spec shifts its images): job 2 with job 1's
    `data.augment`, so that the share of the gain that the shifted images alone give is measured
    beside the share of distillation (`student_alone_shifted_error`, `gap_closed_vs_shifted`);
-3. `lenet5` (`examples/mnist-lenet5.yaml`): LeNet-5 distilled from job 1's teacher (its logits
-   cached once: same teacher, images as stored), pruned and weight-shared by its own schedule
+3. `lenet5` (`examples/mnist-lenet5.yaml`): LeNet-5 distilled from job 1's teacher (from the
+   logit cache job 1 filled: same teacher, images as stored), pruned and weight-shared by its own schedule
    (`--skip-lenet5` leaves it out).
 
 All jobs of an invocation share one embedded Ray cluster. Each seed (`--seeds N` seeds from
@@ -220,6 +221,11 @@ def alone_spec(job1: dict, teacher_file: Path, *, shifted: bool = False) -> dict
     raw["distillation"] = {**raw.get("distillation", {}), "alpha": 0.0, "features": []}
     raw["pruning"] = {"enabled": False}
     raw["quantization"] = {"method": "none"}
+    # its replicas leave before its one worker starts: that worker takes the CPUs job 1's
+    # student and replicas share (the same steps either way; only faster)
+    r = raw["resources"]
+    r["student_cpus"] = (r["teacher_replicas"] * r["teacher_cpus"]
+                         + r["student_workers"] * r["student_cpus"]) / r["student_workers"]
     return raw
 
 

@@ -23,9 +23,13 @@ class ClusterResourceError(InputError):
 def cpu_demand(spec: JobSpec) -> str:
     r = spec.resources
     together = "+" if spec.replicas_beside_workers else "or, never at once,"
+    training = ""
+    if spec.trains_teacher and r.teacher_training_cpus is not None:
+        training = (f"; before them, {r.student_workers} workers x "
+                    f"{r.teacher_training_cpus:g} training the teacher")
     return (
         f"{spec.total_cpus:g} CPUs ({r.teacher_replicas} teacher replicas x {r.teacher_cpus:g} "
-        f"{together} {r.student_workers} student workers x {r.student_cpus:g})"
+        f"{together} {r.student_workers} student workers x {r.student_cpus:g}{training})"
     )
 
 
@@ -175,7 +179,7 @@ def check_placement(spec: JobSpec, nodes: list[dict]) -> None:
     for role, labels, demand, gpu_demand_ in (
         ("teacher replicas", r.teacher_labels, r.teacher_replicas * r.teacher_cpus,
          r.teacher_total_gpus),
-        ("student workers", r.student_labels, r.student_workers * r.student_cpus,
+        ("student workers", r.student_labels, r.student_workers * spec.most_worker_cpus,
          r.student_total_gpus),
     ):
         if not labels:

@@ -39,7 +39,7 @@ def role_groups(spec: JobSpec) -> dict[str, dict]:
     groups = {}
     for role, count, cpus, gpus, labels in (
         ("teacher", r.teacher_replicas, r.teacher_cpus, r.teacher_gpus, r.teacher_labels),
-        ("student", r.student_workers, r.student_cpus, r.student_gpus, r.student_labels),
+        ("student", r.student_workers, spec.most_worker_cpus, r.student_gpus, r.student_labels),
     ):
         per_node, nodes = 1, count  # one replica/worker per node
         if gpus:  # one GPU per node, shared by the replicas whose fractions fit on it

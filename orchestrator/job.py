@@ -181,9 +181,10 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
         blob, teacher_model = given_teacher
         teacher_path = _keep_teacher_file(spec, run_path, blob)
 
-    # 1b. logit cache (cached / topk modes): the teacher over the training set, once --------
+    # 1b. logit cache (cached / topk modes, or online with `logits.cache_unaugmented`): the
+    # teacher over the training set as stored, once ------------------------------------------
     logit_cache = None
-    if spec.logits.mode != "online" and spec.student_uses_teacher:
+    if spec.logit_cache_mode is not None:
         logit_cache = _logit_cache(spec, teacher_path, blob, data, run_path, trusted)
 
     # 2. teacher pool ----------------------------------------------------------------------
@@ -204,7 +205,9 @@ def _stages(spec, data, data_dir, run_path, given_teacher, tracker, ids, trusted
         _say(f"teacher accuracy {teacher['accuracy']:.4f} ({teacher['params']:,} params)")
         tracker.log({"teacher/accuracy": teacher["accuracy"], "teacher/params": teacher["params"]})
         # the workers read the cache, or need no teacher at all: the replicas' CPUs go to them
-        serving = spec.replicas_beside_workers and logit_cache is None
+        # (online, they serve the augmented phases; a cache serves the others)
+        serving = spec.replicas_beside_workers and (logit_cache is None
+                                                    or spec.logits.mode == "online")
         if not serving:
             replica_stats = pool.stats()
             pool.shutdown()
@@ -303,7 +306,7 @@ def _logit_cache(spec: JobSpec, teacher_path: Path, blob: bytes, data, run_path:
     from trainers.logit_cache import LogitCache, cache_key, fill_cache
 
     root = Path(spec.logits.cache_dir or run_path.parent / "logit-cache").resolve()
-    key = cache_key(blob, data.fingerprint(), mode=spec.logits.mode, top_k=spec.logits.top_k,
+    key = cache_key(blob, data.fingerprint(), mode=spec.logit_cache_mode, top_k=spec.logits.top_k,
                     temperature=spec.distillation.temperature,
                     precision=spec.teacher_precision)
     if LogitCache.open(root, key, 1) is not None:
@@ -312,7 +315,7 @@ def _logit_cache(spec: JobSpec, teacher_path: Path, blob: bytes, data, run_path:
         started = time.perf_counter()
         folder = fill_cache(spec, teacher_path, data, root, key, trusted)
         _say(f"logit cache: wrote {folder} ({data.train_rows:,} samples, "
-             f"{spec.logits.mode}) in {time.perf_counter() - started:.1f}s")
+             f"{spec.logit_cache_mode}) in {time.perf_counter() - started:.1f}s")
     return str(root), key
 
 

@@ -424,6 +424,12 @@ class LogitsSpec(Strict):
     """
 
     mode: Literal["online", "cached", "topk"] = "online"
+    cache_unaugmented: bool = Field(
+        False, description="`online` only: the student's phases that train on the images as "
+        "stored (no `augment`, e.g. pruning rounds under `pruning.augment: {}`) read the "
+        "teacher's logits from the cache, filled once before the student starts (one teacher "
+        "pass over the training set); augmented phases still ask the replicas every step",
+    )
     top_k: int = Field(5, ge=1, description="image classifiers: logits kept per sample (`topk`)")
     cache_dir: str | None = Field(None, description="default: <run_dir>/../logit-cache")
     shard_size: int = Field(8192, ge=1, description="samples per cache shard")
@@ -706,6 +712,11 @@ class ResourcesSpec(Strict):
     teacher_max_restarts: int = Field(3, ge=0, description="restarts of a dead replica")
     student_workers: int = Field(2, ge=1)
     student_cpus: float = Field(0.5, gt=0.0, description="CPUs per student worker")
+    teacher_training_cpus: float | None = Field(
+        None, gt=0.0, description="CPUs per worker while the job trains its own teacher "
+        "(`teacher.kind: train`, on the student's workers); default `student_cpus`. That stage "
+        "ends before the teacher replicas start, so it may take their CPUs too",
+    )
     student_gpus: float = Field(
         0.0, ge=0.0, le=1.0, description="GPUs per student worker: 0 trains on CPU (gloo), 1 on "
         "its own GPU (NCCL, DeepSpeed's CUDA accelerator); a fraction lets a single worker share "
@@ -753,6 +764,13 @@ class ResourcesSpec(Strict):
     @property
     def student_total_cpus(self) -> float:
         return self.student_workers * self.student_cpus
+
+    def worker_cpus(self, stage: str) -> float:
+        """CPUs per worker of a stage's worker group: `teacher` (the job training its teacher)
+        or `student`. They set the worker's torch threads too."""
+        if stage == "teacher" and self.teacher_training_cpus is not None:
+            return self.teacher_training_cpus
+        return self.student_cpus
 
     @model_validator(mode="after")
     def _shared_gpu_has_one_worker(self) -> "ResourcesSpec":
@@ -947,11 +965,41 @@ class JobSpec(Strict):
 
     @property
     def total_cpus(self) -> float:
-        """CPUs the job holds at once."""
+        """CPUs the job holds at once: the most any stage holds (the teacher's training comes
+        before its replicas start)."""
         r = self.resources
         if self.replicas_beside_workers:
-            return r.teacher_total_cpus + r.student_total_cpus
-        return max(r.teacher_total_cpus, r.student_total_cpus)
+            held = r.teacher_total_cpus + r.student_total_cpus
+        else:
+            held = max(r.teacher_total_cpus, r.student_total_cpus)
+        if self.trains_teacher:
+            held = max(held, r.student_workers * r.worker_cpus("teacher"))
+        return held
+
+    @property
+    def most_worker_cpus(self) -> float:
+        """CPUs per worker in the stage that asks for most: what a worker's node must have."""
+        stages = ("teacher", "student") if self.trains_teacher else ("student",)
+        return max(self.resources.worker_cpus(s) for s in stages)
+
+    @property
+    def trains_teacher(self) -> bool:
+        """Whether the job trains its own teacher (`teacher.kind: train`)."""
+        return isinstance(self.teacher, TrainedTeacher)
+
+    @property
+    def logit_cache_mode(self) -> str | None:
+        """What the logit cache holds for this job: `cached` (whole logits) or `topk`, or None
+        when the student reads no cache: online without `logits.cache_unaugmented`, a student
+        that does not use the teacher, or one whose every phase is augmented."""
+        if not self.student_uses_teacher or self.language_model:
+            return None
+        if self.logits.mode != "online":
+            return self.logits.mode
+        if self.logits.cache_unaugmented and not all(
+                a.enabled for a in self.student_augmentations):
+            return "cached"
+        return None
 
     @property
     def teacher_precision(self) -> str:
@@ -1027,10 +1075,11 @@ class JobSpec(Strict):
                     "`distillation.features` needs the teacher's modules by name: use a `train` "
                     "or `checkpoint` teacher, not `exported`"
                 )
-            if self.logits.mode != "online":
+            if self.logits.mode != "online" or self.logits.cache_unaugmented:
                 raise ValueError(
                     "`distillation.features` needs the teacher pool every step: set "
-                    "`logits.mode: online` (the logit cache holds logits only)"
+                    "`logits.mode: online` without `logits.cache_unaugmented` (the logit cache "
+                    "holds logits only)"
                 )
         # settings compared with their defaults, not looked up in `model_fields_set`: a spec
         # that went through JSON (to the workers, into the run dir) has every field set
@@ -1043,6 +1092,10 @@ class JobSpec(Strict):
         if self.pruning.embeddings or self.pruning.lm_head:
             raise ValueError("`pruning.embeddings` and `pruning.lm_head` are for language "
                              "models (`data.kind: text`)")
+        if self.logits.cache_unaugmented and self.logits.mode != "online":
+            raise ValueError(
+                f"`logits.cache_unaugmented` mixes the cache into `logits.mode: online`; with "
+                f"`{self.logits.mode}` every phase reads the cache already")
         if self.logits.mode != "online" and any(a.enabled for a in self.student_augmentations):
             where = "`data.augment`" if self.data.augment.enabled else "`pruning.augment`"
             raise ValueError(
@@ -1081,7 +1134,7 @@ class JobSpec(Strict):
                 "fit on disk for a language model: use `topk` (the top-k token cache, "
                 "`logits.tokens`) or `online`")
         image_only = sorted(name for name in ("top_k", "cache_dir", "shard_size",
-                                              "max_shards_in_memory")
+                                              "max_shards_in_memory", "cache_unaugmented")
                             if getattr(self.logits, name) != LogitsSpec.model_fields[name].default)
         if image_only:
             raise ValueError(f"`logits` {image_only} are the image classifiers' cache settings: "

@@ -112,8 +112,9 @@ def test_teacher_trained_on_shifts_student_on_cached_logits_and_a_student_alone(
     spec["student"]["epochs"] = 3
     spec["pruning"] = {"enabled": False}
     spec["wandb"] = {"mode": "disabled"}
+    # the teacher trains on both CPUs (its replicas start after it), the student on one
     spec["resources"] = {"teacher_replicas": 1, "teacher_cpus": 1, "student_workers": 1,
-                         "student_cpus": 2}
+                         "student_cpus": 1, "teacher_training_cpus": 2}
     folder = tmp_path / "shifted"
     folder.mkdir()
     result = run_cli(["run", str(write_spec(folder, spec)), "--run-dir", str(folder / "run")])
@@ -123,6 +124,8 @@ def test_teacher_trained_on_shifts_student_on_cached_logits_and_a_student_alone(
     student = _phase_meta(folder / "run", "student-00-dense")
     assert teacher["augment"] == {"random_crop_padding": 1, "hflip": False}
     assert student["augment"] == {"random_crop_padding": 0, "hflip": False}
+    assert (teacher["threads"], student["threads"]) == (2, 1)
+    assert (teacher["teacher_logits"], student["teacher_logits"]) == (None, "cache")
     # 3 epochs on shifted 8x8 digits: far above chance (0.1), the bar is loose on purpose
     assert json.loads((folder / "run" / "report.json").read_text())["teacher"]["accuracy"] > 0.5
 
@@ -131,7 +134,9 @@ def test_teacher_trained_on_shifts_student_on_cached_logits_and_a_student_alone(
     alone = digits_spec(1, group="cache", name="alone", teacher=digits_teacher,
                         precision="bf16_autocast",
                         distillation={"kind": "hinton", "temperature": 4.0, "alpha": 0.0})
-    alone.update(pruning={"enabled": False}, resources=spec["resources"],
+    alone.update(pruning={"enabled": False},
+                 resources={"teacher_replicas": 1, "teacher_cpus": 1, "student_workers": 1,
+                            "student_cpus": 2},
                  wandb={"mode": "disabled", "log_every_steps": 5})
     alone["student"]["epochs"] = 2
     folder = tmp_path / "alone"
@@ -149,12 +154,14 @@ def test_teacher_trained_on_shifts_student_on_cached_logits_and_a_student_alone(
 
 
 def test_rounds_fine_tune_on_their_own_augmentation_for_the_epochs_listed(tmp_path, digits_teacher):
-    """`pruning.augment` and a `finetune_epochs` list, online: the dense student learns on the
-    digits as stored (its teacher requests carry row indices into one shared copy of the
-    training set), then the rounds fine-tune on shifted digits, whose values travel with each
-    request so that the teacher answers the batch the student sees, for 1 and then 2 epochs."""
+    """`pruning.augment` and a `finetune_epochs` list, online with `cache_unaugmented`: the
+    dense student learns on the digits as stored from the logit cache, filled before it starts,
+    then the rounds fine-tune on shifted digits, whose values travel with each request to the
+    replicas so that the teacher answers the batch the student sees, for 1 and then 2 epochs."""
     spec = digits_spec(1, group="augment", name="round-augment", teacher=digits_teacher,
-                       precision="bf16_autocast")
+                       precision="bf16_autocast",
+                       logits={"mode": "online", "cache_unaugmented": True,
+                               "cache_dir": str(tmp_path / "cache")})
     spec["pruning"] = {"target_sparsity": 0.5, "rounds": 2, "finetune_epochs": [1, 2],
                        "schedule": {"kind": "geometric"}, "augment": {"random_crop_padding": 1}}
     spec["wandb"] = {"mode": "disabled"}
@@ -164,6 +171,10 @@ def test_rounds_fine_tune_on_their_own_augmentation_for_the_epochs_listed(tmp_pa
     phases = ["student-00-dense", "student-01-round1", "student-02-round2"]
     metas = [_phase_meta(run_dir, name) for name in phases]
     assert [m["augment"]["random_crop_padding"] for m in metas] == [0, 1, 1]
+    assert [m["teacher_logits"] for m in metas] == ["cache", "replicas", "replicas"]
+    assert "logit cache: wrote" in result.stdout
+    manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
+    assert (manifest["mode"], manifest["rows"]) == ("cached", 1347)  # whole logits, every row
     assert [len(m["epochs"]) for m in metas] == [spec["student"]["epochs"], 1, 2]
     assert [m["target_sparsity"] for m in metas[1:]] == pytest.approx([1 - 0.5**0.5, 0.5])
     report = json.loads((run_dir / "report.json").read_text())

@@ -238,3 +238,51 @@ def test_pruning_rounds_may_fine_tune_on_their_own_augmentation():
     assert parse_spec({**BASE, "logits": {"mode": "cached"}, "pruning": {"augment": {}}})
     problems = _problems({**BASE, "pruning": {"augment": {"random_crop_padding": -1}}})
     assert set(problems) == {"pruning.augment.random_crop_padding"}
+
+
+def test_online_jobs_may_read_the_cache_in_their_unaugmented_phases():
+    shifts = {"random_crop_padding": 2}
+    mixed = {"mode": "online", "cache_unaugmented": True}
+    # shifted dense student (replicas), rounds on the images as stored (cache)
+    spec = parse_spec({**BASE, "data": {"kind": "digits", "augment": shifts},
+                       "pruning": {"augment": {}}, "logits": mixed})
+    assert spec.logit_cache_mode == "cached" and spec.replicas_beside_workers
+    # without the flag, or with every phase shifted, or a student alone: no cache
+    assert parse_spec({**BASE, "pruning": {"augment": {}}}).logit_cache_mode is None
+    assert parse_spec({**BASE, "data": {"kind": "digits", "augment": shifts},
+                       "logits": mixed}).logit_cache_mode is None
+    assert parse_spec({**BASE, "logits": mixed, "distillation": {
+        "kind": "hinton", "alpha": 0.0}}).logit_cache_mode is None
+    assert parse_spec({**BASE, "logits": {"mode": "topk"}}).logit_cache_mode == "topk"
+    # the flag belongs to online jobs, and not with features (the cache holds logits only)
+    problems = _problems({**BASE, "logits": {"mode": "cached", "cache_unaugmented": True}})
+    assert "`logits.cache_unaugmented`" in problems[""].message
+    problems = _problems({**BASE, "logits": mixed, "distillation": {
+        "kind": "hinton", "features": [{"student": "net.0", "teacher": "net.0"}]}})
+    assert "cache_unaugmented" in problems[""].message
+    problems = _problems({**BASE, "logits": {**mixed, "cache_unaugmented": "sometimes"}})
+    assert set(problems) == {"logits.cache_unaugmented"}
+
+
+def test_the_teacher_may_train_on_more_cpus_than_the_student():
+    from cluster.local import ClusterResourceError, check_cpus
+
+    # online, 2 CPUs: 1 replica + 1 worker while the student trains; the teacher, trained
+    # before the replicas start, takes both on its one worker
+    resources = {"teacher_replicas": 1, "teacher_cpus": 1, "student_workers": 1,
+                 "student_cpus": 1, "teacher_training_cpus": 2}
+    spec = parse_spec({**BASE, "resources": resources})
+    assert (spec.resources.worker_cpus("teacher"), spec.resources.worker_cpus("student")) == (2, 1)
+    assert spec.total_cpus == 2
+    # more than the replicas and workers together: the teacher's stage sets the demand
+    spec = parse_spec({**BASE, "resources": {**resources, "teacher_training_cpus": 3}})
+    assert spec.total_cpus == 3
+    with pytest.raises(ClusterResourceError, match="asks for 3 CPUs"):
+        check_cpus(spec, 2, "here")
+    # a teacher loaded from a file is not trained: the setting holds no CPUs
+    loaded = {"kind": "checkpoint", "model": BASE["teacher"]["model"], "path": "t.safetensors"}
+    spec = parse_spec({**BASE, "teacher": loaded, "resources": {**resources,
+                                                                "teacher_training_cpus": 3}})
+    assert spec.total_cpus == 2
+    assert set(_problems({**BASE, "resources": {**resources, "teacher_training_cpus": 0}})) == {
+        "resources.teacher_training_cpus"}

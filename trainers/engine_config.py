@@ -79,7 +79,7 @@ def ray_train_configs(spec: JobSpec, run_dir: Path, stage: str):
     from trainers.device import collective_backend
 
     gpus = spec.resources.student_gpus
-    resources = {"CPU": spec.resources.student_cpus, **({"GPU": gpus} if gpus else {})}
+    resources = {"CPU": spec.resources.worker_cpus(stage), **({"GPU": gpus} if gpus else {})}
     scaling = ScalingConfig(
         num_workers=spec.resources.student_workers,
         use_gpu=gpus > 0,

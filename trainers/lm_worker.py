@@ -58,7 +58,7 @@ def lm_train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = student_device(spec)  # the one device decision; the engine keeps it
     set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size(), device)
-    torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
+    torch.set_num_threads(max(1, int(spec.resources.worker_cpus(req.stage))))
 
     student = req.stage == "student"
     section = spec.student if student else spec.teacher

@@ -264,7 +264,7 @@ class _TeacherBatches:
         else:
             x = batch["data"]
         logits = self.server.logits(x)
-        if self.spec.logits.mode == "topk":
+        if self.spec.logit_cache_mode == "topk":
             out = compress_topk(logits, self.spec.logits.top_k, self.spec.distillation.temperature)
         else:
             out = {"logits": logits}
@@ -326,7 +326,7 @@ def fill_cache(spec, teacher_path: str | Path, data, root: Path, key: str,
         **({"num_gpus": spec.resources.teacher_gpus} if spec.resources.teacher_gpus else {}),
     )
     writer = CacheWriter(root, key, shard_size=spec.logits.shard_size, meta={
-        "mode": spec.logits.mode, "classes": data.num_classes, "top_k": spec.logits.top_k,
+        "mode": spec.logit_cache_mode, "classes": data.num_classes, "top_k": spec.logits.top_k,
         "temperature": spec.distillation.temperature, "precision": spec.teacher_precision,
     })
     for batch in rows_out.iter_batches(batch_size=None, batch_format="numpy"):

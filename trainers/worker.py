@@ -71,7 +71,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = student_device(spec)  # the one device decision; the engine keeps it
     set_distributed_env(rank, ctx.get_local_rank(), world, ctx.get_local_world_size(), device)
-    torch.set_num_threads(max(1, int(spec.resources.student_cpus)))
+    torch.set_num_threads(max(1, int(spec.resources.worker_cpus(req.stage))))
     if spec.deterministic:  # CPU kernels are; an op without a deterministic one only warns
         torch.use_deterministic_algorithms(True, warn_only=True)
         # torch would then also fill every new tensor's memory with NaN, a guard against reads
@@ -115,14 +115,15 @@ def train_worker(config: dict) -> None:
         tracker = stage_tracker(spec, Path(req.run_dir), req.stage, done, bool(todo),
                                 req.wandb_config, req.wandb_mode, world_size=world)
     client = cache = source = None
-    if student and req.logit_cache:
+    if student and req.logit_cache:  # the unaugmented phases' logits (all phases, cached modes)
         cache = LogitCache.open(Path(req.logit_cache[0]), req.logit_cache[1],
                                 spec.logits.max_shards_in_memory)
         if cache is None or cache.rows != data.train_rows:
             raise RuntimeError(f"logit cache {req.logit_cache} is missing or does not fit the data")
-    elif student and spec.student_uses_teacher:
+    if student and spec.student_uses_teacher and spec.logits.mode == "online":
         client = TeacherPoolClient(req.teacher_replicas, spec.resources.prefetch_batches)
-        if not data.streamed and not all(a.enabled for a in spec.student_augmentations):
+        if (cache is None and not data.streamed
+                and not all(a.enabled for a in spec.student_augmentations)):
             # once: teacher requests carry row indices into it, not the rows themselves; the
             # worker reads its batches from the same shared-memory copy. (Augmented or streamed
             # batches exist only in the worker: their values travel with each request.)
@@ -199,7 +200,7 @@ def _run_phase(
     section = spec.student if stage == "student" else spec.teacher
     augment = spec.augmentation(stage, phase.kind)
     if augment.enabled:  # the teacher must see this phase's shifted rows, not the stored ones
-        source = None
+        source = cache = None
     threshold = None
     base_lr = section.lr
     if phase.kind == "prune":
@@ -279,6 +280,9 @@ def _run_phase(
         "epochs": ledger,
         "warnings": _useless_layers(per_layer, phase),
         "augment": augment.model_dump(),  # what this phase trained on
+        # where its teacher logits came from: the logit cache, the replicas, or none at all
+        "teacher_logits": "cache" if cache is not None else "replicas" if client else None,
+        "threads": torch.get_num_threads(),  # the stage's CPUs per worker (`worker_cpus`)
     }
     phase_metrics = {"eval/accuracy": accuracy}
     commit_phase(engine, root, phase, stage, meta, all_weights, phase_metrics, wandb_rows,
