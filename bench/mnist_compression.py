@@ -14,14 +14,15 @@ below override their fields):
    logits read from the cache, `logits.cache_unaugmented`), then fine-tunes the k-means shared
    weights (`quantization.method: kmeans`) and writes the compact file;
 2. `alone`: the same spec with `distillation.alpha: 0` (cross-entropy only: the same epochs,
-   learning rate, seed and data order) and *without* `data.augment`, pruning and quantization
-   off, and the teacher loaded from job 1's file (trained once per seed; it is only scored).
+   learning rate, seed and data order) and *without* `data.augment` or the student's
+   `weight_decay` (no regularisation), pruning and quantization off, and the teacher loaded from job 1's file (trained once per seed; it is only scored).
    Its one worker takes the CPUs job 1's student and replica shared (the replica has left).
    This is the student "trained alone" of Hinton et al. (2015): no regularisation, unshifted
    images, and the one the gap closed is measured against;
 2b. `alone-shifted` (only when job 1's spec shifts its images): job 2 with job 1's
-   `data.augment`, so that the share of the gain that the shifted images alone give is measured
-   beside the share of distillation (`student_alone_shifted_error`, `gap_closed_vs_shifted`);
+   `data.augment` and weight decay, so that the share of the gain that the student's own
+   regularisation gives is measured beside the share of distillation
+   (`student_alone_shifted_error`, `gap_closed_vs_shifted`);
 3. `lenet5` (`examples/mnist-lenet5.yaml`): LeNet-5 distilled from job 1's teacher (from the
    logit cache job 1 filled: same teacher, images as stored), pruned and weight-shared by its own schedule
    (`--skip-lenet5` leaves it out).
@@ -59,16 +60,17 @@ always wrote, and hold the first seed's figures; `_mean`, `_sd` and `_se` keys a
     seeds                    the seeds run
     teacher_error            test error of the teacher (first seed), a fraction of the test set;
                              teacher_error_mean, _sd, _se over the seeds
-    student_alone_error      LeNet-300-100 trained alone (cross-entropy only, unshifted images);
-                             also _mean, _sd, _se
+    student_alone_error      LeNet-300-100 trained alone (cross-entropy only, unshifted images,
+                             no weight decay); also _mean, _sd, _se
     student_alone_shifted_error
-                             the same on job 1's shifted images (job 2b); also _mean, _sd, _se;
-                             absent when job 1 does not shift its images
+                             the same on job 1's shifted images with job 1's weight decay
+                             (job 2b); also _mean, _sd, _se; absent when job 1 does not shift
+                             its images
     student_distilled_error  LeNet-300-100 distilled (dense, before pruning); also _mean, _sd, _se
     gap_closed               (alone - distilled) / (alone - teacher) of the mean errors;
                              gap_closed_per_seed: the same per seed
     gap_closed_vs_shifted    the same against the student alone on shifted images (job 2b):
-                             what distillation adds over the shifts alone
+                             what distillation adds over the student's own regularisation
     pruned                   LeNet-300-100, one entry per pruning round, in order:
                                round, target_sparsity
                                sparsity         share of zero weights among the prunable weights
@@ -212,12 +214,14 @@ def shifts_images(job1: dict) -> bool:
 
 def alone_spec(job1: dict, teacher_file: Path, *, shifted: bool = False) -> dict:
     """Job 2: job 1's student, epochs and data, cross-entropy only (the teacher's weight is 0),
-    on the images as stored; `shifted` (job 2b) keeps job 1's `data.augment`."""
+    on the images as stored and without weight decay; `shifted` (job 2b) keeps job 1's
+    `data.augment` and `student.weight_decay`."""
     raw = json.loads(json.dumps(job1))
     raw["name"] = job1["name"].replace("distilled", "alone-shifted" if shifted else "alone")
     raw["teacher"] = _teacher_from(job1, teacher_file)
     if not shifted:
         raw["data"].pop("augment", None)
+        raw["student"].pop("weight_decay", None)
     raw["distillation"] = {**raw.get("distillation", {}), "alpha": 0.0, "features": []}
     raw["pruning"] = {"enabled": False}
     raw["quantization"] = {"method": "none"}
