@@ -15,7 +15,8 @@ below override their fields):
    weights (`quantization.method: kmeans`) and writes the compact file;
 2. `alone`: the same spec with `distillation.alpha: 0` (cross-entropy only: the same epochs,
    learning rate, seed and data order) and *without* `data.augment` or the student's
-   `weight_decay` (no regularisation), pruning and quantization off, and the teacher loaded from job 1's file (trained once per seed; it is only scored).
+   `weight_decay` (no regularisation), pruning and quantization off, and the teacher loaded
+   from job 1's file (trained once per seed; it is only scored).
    Its one worker takes the CPUs job 1's student and replica shared (the replica has left).
    This is the student "trained alone" of Hinton et al. (2015): no regularisation, unshifted
    images, and the one the gap closed is measured against;
